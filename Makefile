@@ -1,0 +1,48 @@
+# convstack: every target installs what it needs first (see `setup`).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-pyproject
+CONVSTACK := $(BIN)/convstack
+DEMO_DIR := build/demo
+PYTEST_ARGS ?=
+
+.PHONY: setup demo train test lint format bench bench-train clean
+
+# (Re)install only when the venv is missing or pyproject.toml changed.
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	cp pyproject.toml $(STAMP)
+
+# The main job: train on the bundled digits with 2 replicas and export version 1.
+demo: setup
+	rm -rf $(DEMO_DIR)
+	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
+		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits
+
+train: setup
+	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
+		--model-base models --model-name digits --run-dir runs/digits
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: bench-train
+
+bench-train: setup
+	$(CONVSTACK) bench train --out bench-results/train.json
+
+clean:
+	rm -rf build bench-results

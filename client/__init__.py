@@ -1,0 +1,2 @@
+"""convstack client: numpy <-> TensorProto conversion, the gRPC client, CLI commands and the
+load generator."""

@@ -1,0 +1,49 @@
+"""`convstack VERB ...`: dispatches to the command of each package, importing only that one
+(so that, say, `convstack predict` never pays for importing the trainer)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> (module, function, one-line help). Nested verbs use "verb subverb".
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("trainer.cli", "train_main", "train the Conv2D model and export a version"),
+    "data": ("trainer.data_cli", "data_main", "dataset tools: to-tfrecord"),
+    "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
+}
+
+
+def usage() -> str:
+    width = max(len(verb) for verb in COMMANDS)
+    lines = ["usage: convstack VERB [options]   (convstack VERB --help for each)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_text}" for verb, (_, _, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    """The command named by argv's first words, and the arguments left for it."""
+    for words in (2, 1):
+        verb = " ".join(argv[:words])
+        if len(argv) >= words and verb in COMMANDS:
+            return verb, argv[words:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    resolved = resolve(argv)
+    if resolved is None:
+        print(f"convstack: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    verb, rest = resolved
+    module_name, function_name, _ = COMMANDS[verb]
+    function = getattr(importlib.import_module(module_name), function_name)
+    return function(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

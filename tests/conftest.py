@@ -1,0 +1,21 @@
+"""Shared fixtures. TensorFlow is imported lazily by the tests that need it."""
+
+from __future__ import annotations
+
+import os
+
+# Quiet TensorFlow's C++ start-up logging in test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Tests that compare 1 and 2 replicas need two logical CPUs, and TensorFlow only allows the split
+# before it initialises its devices, so the whole test process gets them up front.
+TEST_CPU_DEVICES = 2
+
+
+def pytest_configure(config):
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(TEST_CPU_DEVICES)]
+    )
