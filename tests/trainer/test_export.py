@@ -1,0 +1,385 @@
+"""Versioned, atomic, verified export: trainer/export.py (real TensorFlow, tiny model)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tests.trainer import export_helpers as helpers
+from trainer import export, model_card, signatures, tflite_export, warmup
+from trainer.errors import ExportError, VersionExistsError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model() -> keras.Model:
+    return helpers.trained_model()
+
+
+@pytest.fixture(scope="module")
+def repo(model, tmp_path_factory) -> tuple[Path, export.ExportResult, export.ExportResult]:
+    """A model repository after two exports: version 1 with TFLite, version 2 without."""
+    base = tmp_path_factory.mktemp("models")
+    first = export.export_version(model, **helpers.export_kwargs(base), tflite=True)
+    second = export.export_version(model, **helpers.export_kwargs(base))
+    return base / "tiny", first, second
+
+
+def _snapshot(directory: Path) -> dict[str, tuple[str, int]]:
+    return {
+        str(path.relative_to(directory)): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _leftovers(model_dir: Path) -> list[str]:
+    return sorted(child.name for child in model_dir.iterdir()) if model_dir.exists() else []
+
+
+# --- version numbering -------------------------------------------------------------------------
+
+
+def test_numeric_versions_reads_only_all_digit_directories(tmp_path):
+    for name in ["1", "007", "12", "latest", ".export-3-abc", "3a", "", "٣"]:
+        if name:
+            (tmp_path / name).mkdir()
+    (tmp_path / "40").write_text("a file, not a version")
+
+    assert export.numeric_versions(tmp_path) == [1, 7, 12]
+    assert export.next_version(tmp_path) == 13
+
+
+def test_next_version_of_a_missing_or_empty_directory_is_1(tmp_path):
+    assert export.numeric_versions(tmp_path / "missing") == []
+    assert export.next_version(tmp_path / "missing") == 1
+    assert export.next_version(tmp_path) == 1
+
+
+# --- successful exports ------------------------------------------------------------------------
+
+
+def test_two_exports_become_versions_1_and_2_with_nothing_else_left(repo):
+    model_dir, first, second = repo
+
+    assert (first.version, second.version) == (1, 2)
+    assert (first.path, second.path) == (model_dir / "1", model_dir / "2")
+    assert _leftovers(model_dir) == ["1", "2"]
+    for result in (first, second):
+        assert (result.path / "saved_model.pb").is_file()
+        assert (result.path / "assets.extra" / "tf_serving_warmup_requests").is_file()
+
+
+def test_model_card_holds_required_fields_and_parent_version(repo):
+    _, first, second = repo
+    card = model_card.read_model_card(second.path)
+
+    assert card == second.model_card
+    model_card.validate_model_card(card)
+    assert (first.model_card["parent_version"], card["parent_version"]) == (None, 1)
+    assert card["model_name"] == "tiny" and card["version"] == 2
+    assert card["tensorflow_version"] == tf.__version__
+    assert card["keras_version"] == keras.__version__
+    assert datetime.fromisoformat(card["created"]).utcoffset().total_seconds() == 0
+    assert card["dataset"]["fingerprint"] == "sha256:0123abcd"
+    assert card["test_metrics"]["accuracy"] == pytest.approx(0.99)
+    assert card["training"]["strategy"] == "OneDeviceStrategy"
+    assert card["training"]["replicas"] == 1
+    assert set(card["signatures"]) == {"serving_default", "predict_image_bytes"}
+    assert set(card["preprocessing"]) == {"images", "image_bytes"}
+    assert "tflite" not in card
+
+
+def test_reloaded_version_reproduces_the_in_memory_model(repo, model):
+    _, _, second = repo
+    images, _ = helpers.held_out_data()
+    loaded = tf.saved_model.load(str(second.path))
+
+    outputs = loaded.signatures["serving_default"](images=tf.constant(images))
+    expected = tf.nn.softmax(model(images, training=False)).numpy()
+
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, atol=1e-5)
+    assert outputs["classes"].dtype == tf.int64
+    np.testing.assert_array_equal(outputs["classes"].numpy(), expected.argmax(axis=-1))
+
+
+def test_warmup_file_holds_valid_requests_for_both_signatures(repo):
+    _, _, second = repo
+    records = warmup.read_warmup_records(second.path / warmup.WARMUP_FILE)
+
+    assert 0 < len(records) <= warmup.MAX_WARMUP_RECORDS
+    shapes = {}
+    for record in records:
+        request = record.predict_log.request
+        assert request.model_spec.name == "tiny"
+        ((key, proto),) = request.inputs.items()
+        shapes.setdefault(request.model_spec.signature_name, []).append(
+            (key, tf.make_ndarray(proto).shape)
+        )
+    assert shapes == {
+        "serving_default": [("images", (1, 28, 28, 1)), ("images", (8, 28, 28, 1))],
+        "predict_image_bytes": [("image_bytes", (1,))],
+    }
+
+
+def test_explicit_new_version_is_used_and_parent_is_the_highest_existing(model, tmp_path):
+    (tmp_path / "tiny" / "3").mkdir(parents=True)
+
+    result = export.export_version(model, **helpers.export_kwargs(tmp_path, version=10))
+
+    assert result.path == tmp_path / "tiny" / "10"
+    assert result.model_card["parent_version"] == 3
+    assert export.numeric_versions(tmp_path / "tiny") == [3, 10]
+
+
+# --- never overwrite ---------------------------------------------------------------------------
+
+
+def test_exporting_an_existing_version_fails_and_leaves_it_byte_for_byte(repo, model):
+    model_dir, first, _ = repo
+    before = _snapshot(first.path)
+
+    with pytest.raises(VersionExistsError, match=str(first.path)) as raised:
+        export.export_version(model, **helpers.export_kwargs(model_dir.parent, version=1))
+
+    assert raised.value.exit_code == 2
+    assert _snapshot(first.path) == before
+    assert _leftovers(model_dir) == ["1", "2"]
+
+
+def test_zero_padded_directory_counts_as_the_same_version(model, tmp_path):
+    (tmp_path / "tiny" / "007").mkdir(parents=True)
+
+    with pytest.raises(VersionExistsError, match="007"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path, version=7))
+
+
+def test_losing_the_race_at_rename_raises_and_keeps_the_winner(model, tmp_path, monkeypatch):
+    winner = tmp_path / "tiny" / "1"
+
+    def another_exporter_wins(temp_dir: Path) -> None:
+        winner.mkdir()
+        (winner / "saved_model.pb").write_text("the other exporter's version")
+
+    monkeypatch.setattr(export, "_before_rename", another_exporter_wins)
+    with pytest.raises(VersionExistsError, match="already exists"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path))
+
+    assert _leftovers(tmp_path / "tiny") == ["1"]
+    assert (winner / "saved_model.pb").read_text() == "the other exporter's version"
+
+
+# --- failures leave nothing behind -------------------------------------------------------------
+
+
+def test_reload_that_differs_from_the_model_fails_verification(model, tmp_path, monkeypatch):
+    original = signatures.write_saved_model
+
+    def write_other_weights(_model, path):
+        # Same architecture, fresh weights: what a broken save would produce.
+        original(keras.models.clone_model(_model), path)
+
+    monkeypatch.setattr(signatures, "write_saved_model", write_other_weights)
+    with pytest.raises(ExportError, match=r"max \|difference\|"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path))
+
+    assert _leftovers(tmp_path / "tiny") == []
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "error"),
+    [
+        (tflite_export, "convert_int8", ExportError("TFLite int8 conversion failed")),
+        (model_card, "write_model_card", OSError("disk full")),
+        (export, "_before_rename", KeyboardInterrupt()),
+    ],
+)
+def test_failure_in_any_step_removes_the_temp_dir(
+    model, tmp_path, monkeypatch, module, name, error
+):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(module, name, fail)
+    with pytest.raises((ExportError, KeyboardInterrupt)):
+        export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=True)
+
+    assert _leftovers(tmp_path / "tiny") == []
+
+
+def test_invalid_card_fields_fail_before_anything_is_written(model, tmp_path):
+    fields = helpers.card_fields()
+    del fields["dataset"]
+
+    with pytest.raises(ExportError, match="dataset"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path, card_fields=fields))
+
+    assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((4, 14, 14, 1), np.float32), r"\[n>0, 28, 28, 1\]"),
+        (np.full((4, 28, 28, 1), 255.0, np.float32), r"\[0, 1\]"),
+    ],
+)
+def test_test_images_unlike_the_model_input_are_rejected(model, tmp_path, images, message):
+    with pytest.raises(ExportError, match=message):
+        export.export_version(
+            model, **helpers.export_kwargs(tmp_path, test_images=images, test_labels=[0] * 4)
+        )
+
+    assert not (tmp_path / "tiny").exists()
+
+
+@pytest.mark.parametrize("version", [0, -1, 1.5, True])
+def test_version_must_be_a_positive_integer(model, tmp_path, version):
+    with pytest.raises(ExportError, match="positive integer"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path, version=version))
+
+
+def test_numpy_integer_version_is_accepted(model, tmp_path):
+    result = export.export_version(model, **helpers.export_kwargs(tmp_path, version=np.int64(4)))
+
+    assert type(result.version) is int and result.path.name == "4"
+
+
+_INTERRUPTED_EXPORT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from tests.trainer import export_helpers as helpers
+    from trainer import export
+
+    def hang(temp_dir):
+        print("READY", temp_dir, flush=True)
+        time.sleep(300)
+
+    export._before_rename = hang
+    export.export_version(helpers.build_tiny_model(), **helpers.export_kwargs(Path(sys.argv[1])))
+    """
+)
+
+
+def _wait_for_line(process: subprocess.Popen, prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if line.startswith(prefix):
+                return line
+            if not line:
+                break
+    process.kill()
+    raise AssertionError(f"exporter never printed {prefix!r}: {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_export_killed_before_rename_leaves_no_version(model, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-c", _INTERRUPTED_EXPORT, str(tmp_path)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_line(process, "READY", timeout=120)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    model_dir = tmp_path / "tiny"
+
+    (leftover,) = _leftovers(model_dir)
+    assert leftover.startswith(".export-1-")
+    assert (model_dir / leftover / "saved_model.pb").is_file()  # it really was mid-export
+    assert export.numeric_versions(model_dir) == []
+    # The leftover does not block the next export.
+    assert export.export_version(model, **helpers.export_kwargs(tmp_path)).version == 1
+
+
+# --- TFLite and non-chief workers --------------------------------------------------------------
+
+
+def test_tflite_int8_model_is_written_and_its_accuracy_recorded(repo, model):
+    _, first, _ = repo
+    section = first.model_card["tflite"]
+    path = first.path / section["path"]
+    images, labels = helpers.held_out_data()
+
+    assert section["quantization"] == "int8"
+    assert section["size_bytes"] == path.stat().st_size > 0
+    assert tflite_export.int8_tensor_count(path) > 0
+    assert 0.0 <= section["test_accuracy"] <= 1.0
+    assert section["test_accuracy"] == pytest.approx(section["float_test_accuracy"], abs=0.05)
+    float_classes = model(images, training=False).numpy().argmax(axis=-1)
+    agreement = np.mean(tflite_export.predict_classes(path, images) == float_classes)
+    assert agreement >= 0.9
+    assert section["float_test_accuracy"] == pytest.approx(np.mean(float_classes == labels))
+
+
+def test_non_chief_export_does_the_work_but_leaves_nothing(repo, model):
+    model_dir, first, _ = repo
+    before = _snapshot(first.path)
+
+    result = export.export_version(
+        model, **helpers.export_kwargs(model_dir.parent, version=1), is_chief=False
+    )
+
+    assert result.version == 1 and result.model_card["version"] == 1
+    assert not result.path.exists()
+    assert model_dir not in result.path.parents
+    assert _leftovers(model_dir) == ["1", "2"]
+    assert _snapshot(first.path) == before
+
+
+@pytest.fixture
+def mixed_bfloat16():
+    """The global policy the trainer leaves set during export with --mixed-precision on CPU."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    yield
+    keras.mixed_precision.set_global_policy(previous)
+
+
+def test_mixed_precision_model_exports_with_looser_tolerance_and_float32_tflite(
+    tmp_path, mixed_bfloat16
+):
+    model = helpers.build_tiny_model()
+    assert export._tolerance(model) == export.MIXED_PRECISION_ATOL
+
+    result = export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=True)
+
+    assert result.version == 1
+    # The int8 converter cannot take bfloat16 ops; export converts a float32 copy instead.
+    assert tflite_export.int8_tensor_count(result.path / tflite_export.TFLITE_FILE) > 0
+    assert 0.0 <= result.model_card["tflite"]["test_accuracy"] <= 1.0
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+
+
+def test_float32_copy_has_the_same_weights_and_float32_layers(mixed_bfloat16):
+    model = helpers.build_tiny_model()
+
+    copy = tflite_export.float32_copy(model)
+
+    assert signatures.computes_in_float32(copy)
+    for original, copied in zip(model.get_weights(), copy.get_weights(), strict=True):
+        np.testing.assert_array_equal(original, copied)

@@ -1,0 +1,351 @@
+"""Versioned, atomic, verified export of the trained model to `<model_base>/<name>/<version>/`.
+
+A version is written under `.export-<version>-<random>` (TF Serving only looks at all-digit
+names), reloaded and checked against the in-memory model, then renamed into place. A version is
+never overwritten, and a failed or interrupted export leaves no numeric directory behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer import model_card, signatures, tflite_export, warmup
+from trainer.errors import ExportError, VersionExistsError
+
+logger = logging.getLogger(__name__)
+
+VERIFY_BATCH = 64
+VERIFY_IMAGE_BYTES = 4
+# Reloaded vs in-memory probabilities: float32 graphs agree to rounding; bfloat16/float16
+# compute only to a couple of significant digits.
+FLOAT32_ATOL = 1e-5
+MIXED_PRECISION_ATOL = 1e-2
+_NUMERIC = re.compile(r"[0-9]+")
+
+
+def _before_rename(temp_dir: Path) -> None:
+    """Test-only hook, called after verification right before the rename into place.
+
+    Tests replace it to simulate a crash (SIGKILL) or a concurrent exporter at that moment.
+    """
+
+
+def numeric_versions(model_dir: Path) -> list[int]:
+    """Sorted versions of the all-digit child directories (`007` is 7); other names ignored."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(child.name)
+        for child in model_dir.iterdir()
+        if _NUMERIC.fullmatch(child.name) and child.is_dir()
+    )
+
+
+def next_version(model_dir: Path) -> int:
+    """One more than the highest version in `model_dir`, or 1 if there is none."""
+    versions = numeric_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A written version: its number, where it is, and its model card.
+
+    For a non-chief worker `path` is the temporary directory it wrote and then removed.
+    """
+
+    version: int
+    path: Path
+    model_card: dict
+
+
+def _version_path(model_dir: Path, version: int) -> Path:
+    return model_dir / str(version)
+
+
+def _existing_version_path(model_dir: Path, version: int) -> Path | None:
+    # "7" and "007" are the same version to TF Serving.
+    for child in model_dir.iterdir() if model_dir.is_dir() else ():
+        if _NUMERIC.fullmatch(child.name) and int(child.name) == version:
+            return child
+    return None
+
+
+def _raise_if_exists(model_dir: Path, version: int) -> None:
+    existing = _existing_version_path(model_dir, version)
+    if existing is not None:
+        raise VersionExistsError(
+            f"version {version} already exists at {existing}; versions are never overwritten"
+        )
+
+
+def _check_inputs(model: keras.Model, test_images: np.ndarray, test_labels: np.ndarray) -> None:
+    shape = signatures.model_image_shape(model)
+    if test_images.ndim != 4 or tuple(test_images.shape[1:]) != shape or len(test_images) == 0:
+        raise ExportError(
+            f"test_images must be [n>0, {', '.join(map(str, shape))}] like the model input; "
+            f"got {list(test_images.shape)}"
+        )
+    if not (np.all(test_images >= 0.0) and np.all(test_images <= 1.0)):
+        raise ExportError("test_images must hold values in [0, 1], as the signatures expect")
+    if len(test_labels) != len(test_images):
+        raise ExportError(f"{len(test_labels)} test labels for {len(test_images)} test images")
+
+
+def _tolerance(model: keras.Model) -> float:
+    return FLOAT32_ATOL if signatures.computes_in_float32(model) else MIXED_PRECISION_ATOL
+
+
+def _expected_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    logits = model(images, training=False)
+    return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+
+
+def _serve(loaded, signature: str, **inputs) -> dict[str, np.ndarray]:
+    outputs = loaded.signatures[signature](**{k: tf.constant(v) for k, v in inputs.items()})
+    return {key: value.numpy() for key, value in outputs.items()}
+
+
+def _check_outputs(outputs: dict[str, np.ndarray], batch: int, num_classes: int) -> None:
+    probabilities, classes = outputs[signatures.PROBABILITIES], outputs[signatures.CLASSES]
+    if probabilities.shape != (batch, num_classes) or probabilities.dtype != np.float32:
+        raise ExportError(
+            f"probabilities are {probabilities.dtype}{list(probabilities.shape)}, "
+            f"expected float32[{batch}, {num_classes}]"
+        )
+    if classes.shape != (batch,) or classes.dtype != np.int64:
+        raise ExportError(f"classes are {classes.dtype}{list(classes.shape)}, expected int64")
+
+
+def _compare(what: str, got: np.ndarray, expected: np.ndarray, atol: float) -> None:
+    difference = float(np.max(np.abs(got - expected)))
+    if not difference <= atol:  # also catches NaN
+        raise ExportError(f"{what}: max |difference| {difference:.3g} exceeds {atol:g}")
+
+
+def _verify_images(loaded, model: keras.Model, images: np.ndarray, atol: float) -> None:
+    expected = _expected_probabilities(model, images)
+    outputs = _serve(loaded, signatures.SERVING_DEFAULT, **{signatures.IMAGES: images})
+    _check_outputs(outputs, len(images), expected.shape[-1])
+    _compare(
+        "reloaded serving_default vs in-memory model",
+        outputs[signatures.PROBABILITIES],
+        expected,
+        atol,
+    )
+    argmax = np.argmax(outputs[signatures.PROBABILITIES], axis=-1)
+    if not np.array_equal(outputs[signatures.CLASSES], argmax):
+        raise ExportError("serving_default classes are not the argmax of its probabilities")
+
+
+def _verify_image_bytes(loaded, images: np.ndarray, atol: float) -> None:
+    encoded = signatures.encode_png(images)
+    decoded = signatures.decode_png(encoded)
+    reference = _serve(loaded, signatures.SERVING_DEFAULT, **{signatures.IMAGES: decoded})
+    outputs = _serve(
+        loaded,
+        signatures.PREDICT_IMAGE_BYTES,
+        **{signatures.IMAGE_BYTES: np.array(encoded, dtype=object)},
+    )
+    _check_outputs(outputs, len(images), reference[signatures.PROBABILITIES].shape[-1])
+    _compare(
+        "predict_image_bytes vs serving_default on the decoded PNGs",
+        outputs[signatures.PROBABILITIES],
+        reference[signatures.PROBABILITIES],
+        atol,
+    )
+    if not np.array_equal(outputs[signatures.CLASSES], reference[signatures.CLASSES]):
+        raise ExportError("predict_image_bytes and serving_default disagree on classes")
+
+
+def verify_saved_model(loaded, model: keras.Model, test_images: np.ndarray) -> None:
+    """ExportError unless the reloaded signatures reproduce the in-memory model."""
+    atol = _tolerance(model)
+    _verify_images(loaded, model, test_images[:VERIFY_BATCH], atol)
+    _verify_image_bytes(loaded, test_images[:VERIFY_IMAGE_BYTES], atol)
+
+
+def _classes(loaded, images: np.ndarray) -> np.ndarray:
+    outputs = _serve(loaded, signatures.SERVING_DEFAULT, **{signatures.IMAGES: images})
+    return outputs[signatures.CLASSES]
+
+
+def _accuracy(loaded, images: np.ndarray, labels: np.ndarray) -> float:
+    batches = np.array_split(images, max(1, len(images) // 256))
+    classes = np.concatenate([_classes(loaded, batch) for batch in batches])
+    return float(np.mean(classes == np.asarray(labels)))
+
+
+def _write_and_verify(
+    model: keras.Model,
+    directory: Path,
+    *,
+    model_name: str,
+    version: int,
+    parent_version: int | None,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    representative_images: np.ndarray,
+    card_fields: Mapping,
+    tflite: bool,
+) -> dict:
+    """Write SavedModel, warmup, optional TFLite and model card into `directory`; verify."""
+    signatures.write_saved_model(model, directory)
+    records = warmup.build_warmup_records(model_name, test_images)
+    warmup.write_warmup_records(directory / warmup.WARMUP_FILE, records)
+
+    loaded = tf.saved_model.load(str(directory))
+    verify_saved_model(loaded, model, test_images)
+    warmup.replay_warmup_records(loaded, records)
+
+    card = model_card.build_model_card(
+        card_fields,
+        model_name=model_name,
+        version=version,
+        parent_version=parent_version,
+        signatures=signatures.describe_signatures(loaded),
+        image_shape=signatures.model_image_shape(model),
+        tensorflow_version=tf.__version__,
+        keras_version=keras.__version__,
+    )
+    if tflite:
+        section = tflite_export.export_tflite(
+            directory,
+            model=model,
+            representative_images=representative_images,
+            test_images=test_images,
+            test_labels=test_labels,
+            float_test_accuracy=_accuracy(loaded, test_images, test_labels),
+        )
+        card = model_card.with_tflite(card, section)
+    model_card.write_model_card(directory, card)
+    return card
+
+
+def _fsync(path: Path | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    # After a crash the renamed version must not point at files whose data never hit the disk.
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _publish(temp_dir: Path, model_dir: Path, version: int) -> Path:
+    """Rename the verified temp dir to `<version>`; VersionExistsError if someone else won."""
+    _raise_if_exists(model_dir, version)
+    target = _version_path(model_dir, version)
+    try:
+        os.rename(temp_dir, target)
+    except OSError as exc:
+        # A non-empty target makes rename(2) fail: a concurrent exporter got there first.
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise VersionExistsError(
+                f"version {version} already exists at {target}; versions are never overwritten"
+            ) from exc
+        raise
+    _fsync(model_dir)  # makes the rename itself durable
+    return target
+
+
+def _choose_version(model_dir: Path, version: int | None, is_chief: bool) -> int:
+    if version is None:
+        return next_version(model_dir)
+    if isinstance(version, bool) or int(version) != version or version < 1:
+        raise ExportError(f"version must be a positive integer, got {version!r}")
+    if is_chief:  # a non-chief never publishes, so an existing version is no obstacle
+        _raise_if_exists(model_dir, int(version))
+    return int(version)  # numpy integers from callers would not survive json or str()
+
+
+def _make_temp_dir(model_dir: Path, version: int, is_chief: bool) -> Path:
+    if not is_chief:
+        # Non-chief workers write outside the model repository, so they can never collide
+        # with the chief's version or leave anything a server might see.
+        return Path(tempfile.mkdtemp(prefix=f"convstack-export-{version}-worker-"))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
+
+
+def export_version(
+    model: keras.Model,
+    *,
+    model_base: str | Path,
+    model_name: str,
+    version: int | None,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    representative_images: np.ndarray,
+    card_fields: dict,
+    tflite: bool = False,
+    is_chief: bool = True,
+) -> ExportResult:
+    """Export `model` (float32 logits) as `<model_base>/<model_name>/<version>/`.
+
+    `version=None` takes the next free version. Writes the SavedModel with `serving_default`
+    and `predict_image_bytes`, the warmup requests, the model card and (with `tflite`) an int8
+    model.tflite into a temporary directory, verifies the reloaded model against `model`, then
+    renames it into place. Raises VersionExistsError if the version exists (never overwrites)
+    and ExportError on any other failure, leaving no numeric directory behind. A non-chief
+    worker (`is_chief=False`) does the same work (minus TFLite, which is chief-only
+    post-processing) in a temporary directory it then removes.
+    """
+    model_dir = Path(model_base) / model_name
+    test_images = np.asarray(test_images, np.float32)
+    _check_inputs(model, test_images, np.asarray(test_labels))
+    model_card.validate_card_fields(card_fields)
+
+    existing = numeric_versions(model_dir)
+    parent_version = existing[-1] if existing else None
+    version = _choose_version(model_dir, version, is_chief)
+    temp_dir = _make_temp_dir(model_dir, version, is_chief)
+    logger.info("Exporting %s version %d into %s", model_name, version, temp_dir)
+    try:
+        card = _write_and_verify(
+            model,
+            temp_dir,
+            model_name=model_name,
+            version=version,
+            parent_version=parent_version,
+            test_images=test_images,
+            test_labels=test_labels,
+            representative_images=representative_images,
+            card_fields=card_fields,
+            tflite=tflite and is_chief,
+        )
+        if not is_chief:
+            logger.info("Non-chief export of version %d verified; removing %s", version, temp_dir)
+            return ExportResult(version, temp_dir, card)
+        _before_rename(temp_dir)
+        _fsync_tree(temp_dir)
+        final = _publish(temp_dir, model_dir, version)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"export of {model_name} version {version} failed: {exc}") from exc
+    finally:
+        # Removes the temp dir on failure (and always for non-chief); after a successful
+        # rename it no longer exists.
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    logger.info("Exported %s version %d to %s", model_name, version, final)
+    return ExportResult(version, final, card)

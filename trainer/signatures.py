@@ -1,0 +1,135 @@
+"""The serving signatures of an exported image classifier, and their SavedModel.
+
+`serving_default` takes `images` (float32 [batch, H, W, C] in [0, 1]); `predict_image_bytes`
+takes `image_bytes` (PNG or JPEG strings [batch]) and decodes and resizes them in the graph.
+Both return `probabilities` (softmax of the logits) and `classes` (argmax, int64), and call the
+model with training=False so that no dropout or batch-statistics update ends up in the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.errors import ExportError
+
+SERVING_DEFAULT = "serving_default"
+PREDICT_IMAGE_BYTES = "predict_image_bytes"
+IMAGES = "images"
+IMAGE_BYTES = "image_bytes"
+PROBABILITIES = "probabilities"
+CLASSES = "classes"
+SIGNATURE_INPUTS = {SERVING_DEFAULT: IMAGES, PREDICT_IMAGE_BYTES: IMAGE_BYTES}
+
+
+def model_image_shape(model: keras.Model) -> tuple[int, int, int]:
+    """(H, W, C) of the model's single image input; ExportError if not fully known."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or any(dim is None for dim in shape[1:]):
+        raise ExportError(
+            f"model {model.name!r} must take one [batch, H, W, C] input with known H, W, C; "
+            f"its input shape is {shape}"
+        )
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def computes_in_float32(model: keras.Model) -> bool:
+    """True when the model and all its layers compute in float32 (no mixed precision)."""
+    return {model.compute_dtype} | {layer.compute_dtype for layer in model.layers} == {"float32"}
+
+
+def _outputs(logits: tf.Tensor) -> dict[str, tf.Tensor]:
+    # Mixed-precision models already emit float32 logits; the cast makes that a guarantee.
+    probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+    classes = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+    return {PROBABILITIES: probabilities, CLASSES: classes}
+
+
+def decode_images(image_bytes: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
+    """Decode PNG/JPEG strings [batch] into float32 [batch, H, W, C] in [0, 1].
+
+    The same preprocessing clients apply to `images`: [0, 1] floats, bilinear resize.
+    """
+    height, width, channels = shape
+
+    def decode_one(data: tf.Tensor) -> tf.Tensor:
+        image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        return tf.image.resize(image, (height, width), method="bilinear")
+
+    return tf.map_fn(
+        decode_one,
+        image_bytes,
+        fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
+    )
+
+
+def build_export_archive(model: keras.Model) -> keras.export.ExportArchive:
+    """An ExportArchive holding the model's variables and both inference signatures."""
+    shape = model_image_shape(model)
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+
+    def serve_images(images):
+        return _outputs(model(images, training=False))
+
+    def serve_image_bytes(image_bytes):
+        return _outputs(model(decode_images(image_bytes, shape), training=False))
+
+    # The TensorSpec names become the signature input keys TF Serving clients send.
+    archive.add_endpoint(
+        SERVING_DEFAULT,
+        serve_images,
+        input_signature=[tf.TensorSpec((None, *shape), tf.float32, name=IMAGES)],
+    )
+    archive.add_endpoint(
+        PREDICT_IMAGE_BYTES,
+        serve_image_bytes,
+        input_signature=[tf.TensorSpec((None,), tf.string, name=IMAGE_BYTES)],
+    )
+    return archive
+
+
+def write_saved_model(model: keras.Model, path: Path) -> None:
+    """Write the model with both signatures as a TF2 SavedModel (tag `serve`) at `path`."""
+    build_export_archive(model).write_out(str(path), verbose=False)
+
+
+def _spec_dict(spec: tf.TensorSpec) -> dict:
+    return {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+
+
+def describe_signatures(loaded) -> dict[str, dict]:
+    """Signature name -> {"inputs": {key: {dtype, shape}}, "outputs": {...}} as TF Serving sees it.
+
+    `loaded` is the result of tf.saved_model.load; the keys are those of `saved_model_cli show`.
+    """
+    described = {}
+    for name, function in sorted(loaded.signatures.items()):
+        _, input_specs = function.structured_input_signature
+        described[name] = {
+            "inputs": {key: _spec_dict(spec) for key, spec in sorted(input_specs.items())},
+            "outputs": {
+                key: _spec_dict(spec) for key, spec in sorted(function.structured_outputs.items())
+            },
+        }
+    return described
+
+
+def encode_png(images: np.ndarray) -> list[bytes]:
+    """PNG bytes of float [batch, H, W, C] images in [0, 1] (rounded to 8 bits)."""
+    pixels = np.clip(np.rint(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return [tf.io.encode_png(image).numpy() for image in pixels]
+
+
+def decode_png(encoded: list[bytes]) -> np.ndarray:
+    """float32 [batch, H, W, C] in [0, 1] of PNG bytes, decoded exactly as the graph does."""
+    return np.stack(
+        [
+            tf.image.convert_image_dtype(tf.io.decode_png(data), tf.float32).numpy()
+            for data in encoded
+        ]
+    )
