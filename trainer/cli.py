@@ -1,0 +1,76 @@
+"""`convstack train`: flags or a YAML file -> TrainConfig -> a run -> one exported version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from convstack.configs import ConfigValueError, add_config_flags, build_config
+from trainer.config import TrainConfig
+from trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
+
+EPILOG = f"""\
+exit status: {EXIT_OK} success; {EXIT_BAD_INPUT} bad input or configuration; {EXIT_PREEMPTED}
+preempted (SIGTERM): a checkpoint was written, rerun with the same --run-dir to resume;
+1 any other failure.
+
+TF_CONFIG naming several workers selects MultiWorkerMirroredStrategy; the chief (or worker 0)
+writes checkpoints and the export."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convstack train",
+        description="Train the Conv2D classifier with tf.distribute and export a versioned "
+        "SavedModel to MODEL_BASE/MODEL_NAME/VERSION.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="YAML file with the same keys as the flags "
+        "(underscores: learning_rate); flags given on the command line win",
+    )
+    add_config_flags(parser, TrainConfig)
+    return parser
+
+
+def configure_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    logging.getLogger("absl").setLevel(logging.WARNING)  # per-batch tf.data sharding chatter
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def train_main(argv: list[str]) -> int:
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        config = build_config(TrainConfig, namespace, namespace.config)
+    except ConfigValueError as exc:
+        print(f"convstack train: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    configure_logging()
+    from trainer.run import train  # imports TensorFlow: only once the config is valid
+
+    try:
+        result = train(config)
+    except TrainerError as exc:
+        print(f"convstack train: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f})")
+    print(
+        f"training time: {result.training_seconds:.1f}s, {result.global_step} steps, "
+        f"{result.strategy} with {result.num_replicas} replica(s)"
+    )
+    if result.export is not None and result.is_chief:
+        print(f"exported version {result.export.version}: {result.export.path}")
+    elif result.export is not None:
+        print("took part in the export as a non-chief worker (its scratch copy was removed)")
+    return EXIT_OK

@@ -1,0 +1,282 @@
+"""One training run from config to exported version: data -> strategy -> distributed loop with
+checkpoints and preemption -> test evaluation -> atomic versioned export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+
+from trainer import pipeline
+from trainer.checkpoints import RunCheckpoints, check_run_identity, worker_scratch_dir
+from trainer.config import TrainConfig
+from trainer.data import Dataset, load_dataset
+from trainer.errors import Preempted, VersionExistsError
+from trainer.export import ExportResult, export_version
+from trainer.loop import DistributedTrainer, StepTotals, mixed_precision_policy
+from trainer.preemption import PreemptionWatcher
+from trainer.reporting import (
+    EpochProgress,
+    EpochRecord,
+    TensorBoardLog,
+    load_history,
+    save_history,
+    save_learning_curves,
+    write_json_atomic,
+)
+from trainer.strategy import StrategySetup, select_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    test_accuracy: float
+    test_loss: float
+    global_step: int
+    training_seconds: float
+    history: list[EpochRecord]
+    export: ExportResult | None
+    strategy: str
+    num_replicas: int
+    is_chief: bool
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (resuming from run_dir when it holds a checkpoint), evaluate and export."""
+    _refuse_existing_version(config)
+    # The strategy comes first: splitting the CPU into replicas must precede any TF operation.
+    setup = select_strategy(config.replicas, os.environ.get("TF_CONFIG"))
+    dataset = load_dataset(
+        config.data,
+        seed=config.seed,
+        validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
+    )
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy(mixed_precision_policy(setup.on_gpu))
+    keras.utils.set_random_seed(config.seed)  # same initial weights on every worker and rerun
+    return TrainingRun(config, setup, dataset).execute()
+
+
+def _refuse_existing_version(config: TrainConfig) -> None:
+    """Fail before training, not after, when the requested version already exists."""
+    if config.export and config.version is not None:
+        target = Path(config.model_base) / config.model_name / str(config.version)
+        if target.exists():
+            raise VersionExistsError(
+                f"{target}: version {config.version} already exists; versions are never "
+                "overwritten (omit --version to export the next one)"
+            )
+
+
+class TrainingRun:
+    """The state of one run: where it is (global step), what it has recorded, where it writes."""
+
+    def __init__(self, config: TrainConfig, setup: StrategySetup, dataset: Dataset) -> None:
+        self.config = config
+        self.setup = setup
+        self.dataset = dataset
+        self.run_dir = Path(config.run_dir)
+        self.is_chief = setup.role.is_chief
+        self.steps_per_epoch = pipeline.steps_per_epoch(dataset, config.batch_size)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        check_run_identity(self.run_dir / "run.json", self._identity(), self.is_chief)
+
+        info = dataset.info
+        self.trainer = DistributedTrainer(setup, config, info.image_shape, info.num_classes)
+        self.checkpoints = RunCheckpoints(
+            self.run_dir, setup.role, self.trainer.model, self.trainer.optimizer,
+            config.keep_checkpoints,
+        )  # fmt: skip
+        self.step = self.checkpoints.restore_latest()
+        completed_epochs = self.step // self.steps_per_epoch
+        self.history = load_history(self.run_dir / "history.json", completed_epochs)
+        self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard") if self.is_chief else None
+        self.validation = self._distributed_eval("validation")
+
+    def execute(self) -> TrainResult:
+        started = time.perf_counter()
+        if self.step < self.total_steps:
+            log.info(
+                "training %d steps (%d per epoch, global batch %d) from step %d",
+                self.total_steps, self.steps_per_epoch, self.config.batch_size, self.step,
+            )  # fmt: skip
+        with PreemptionWatcher() as preemption:
+            while self.step < self.total_steps:
+                self._record(self._run_epoch(preemption))
+        training_seconds = time.perf_counter() - started
+
+        test = self.trainer.evaluate(self._distributed_eval("test"))
+        log.info("test accuracy %.4f, loss %.4f on %d images", _accuracy(test),
+                 test.mean_loss, test.count)  # fmt: skip
+        if self.is_chief and self.history:
+            save_learning_curves(self.history, self.run_dir / "learning_curves.png")
+        exported = self._export_once(test, training_seconds) if self.config.export else None
+        if not self.is_chief:
+            shutil.rmtree(worker_scratch_dir(self.run_dir, self.setup.role), ignore_errors=True)
+        return TrainResult(
+            _accuracy(test), test.mean_loss, self.step, training_seconds, self.history,
+            exported, self.setup.name, self.setup.num_replicas, self.is_chief,
+        )  # fmt: skip
+
+    # --- the epoch loop -------------------------------------------------------------------
+
+    def _run_epoch(self, preemption: PreemptionWatcher) -> EpochRecord:
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        batches = pipeline.training_batches(
+            self.dataset, global_batch_size=self.config.batch_size, seed=self.config.seed,
+            epoch=epoch, skip_batches=offset, num_workers=self.setup.role.num_workers,
+        )  # fmt: skip
+        # repeat(): with FILE sharding workers may hold slightly different numbers of
+        # examples; one that runs out early re-reads its files instead of stalling the others.
+        # Epoch length is set by steps_per_epoch, so in-memory sources never reach the repeat.
+        batches = batches.repeat()
+        iterator = iter(self.setup.strategy.experimental_distribute_dataset(batches))
+        progress = EpochProgress(
+            self.config.progress, epoch + 1, self.config.epochs, self.steps_per_epoch, offset
+        )
+        self.trainer.reset_train_totals()
+        started = time.perf_counter()
+        try:
+            while offset < self.steps_per_epoch:
+                steps = self._next_chunk(offset)
+                self.trainer.train_steps(iterator, steps)
+                offset += steps
+                self.step += steps
+                progress.update(steps, lambda: self.trainer.train_totals().mean_loss)
+                if self.step % self.config.checkpoint_every == 0:
+                    self._save()
+                if self.trainer.agree_to_stop(preemption.requested):
+                    self._stop_preempted()
+        finally:
+            progress.close()
+        totals = self.trainer.train_totals()  # waits for the epoch's last step
+        seconds = time.perf_counter() - started
+        self._save()
+        return self._epoch_record(epoch + 1, totals, seconds)
+
+    def _next_chunk(self, offset: int) -> int:
+        """Steps for the next compiled call: never past the epoch end or a checkpoint
+        boundary, so checkpoints land on the same steps however the run was interrupted."""
+        to_checkpoint = self.config.checkpoint_every - self.step % self.config.checkpoint_every
+        return min(self.config.steps_per_execution, self.steps_per_epoch - offset, to_checkpoint)
+
+    def _stop_preempted(self) -> None:
+        self._save()
+        if self.is_chief:
+            save_history(self.run_dir / "history.json", self.history)
+        raise Preempted(
+            f"preempted at step {self.step} of {self.total_steps}; checkpoint in "
+            f"{self.checkpoints.directory}, rerun with the same --run-dir to resume"
+        )
+
+    def _save(self) -> None:
+        self.checkpoints.save(self.step, self.step // self.steps_per_epoch)
+
+    def _epoch_record(self, epoch: int, totals: StepTotals, seconds: float) -> EpochRecord:
+        evaluated = self.trainer.evaluate(self.validation)
+        images = totals.count * self.config.batch_size
+        record = EpochRecord(
+            epoch=epoch,
+            step=self.step,
+            loss=totals.mean_loss,
+            accuracy=totals.correct / max(images, 1),
+            val_loss=evaluated.mean_loss,
+            val_accuracy=_accuracy(evaluated),
+            seconds=seconds,
+            images_per_second=images / max(seconds, 1e-9),
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f accuracy %.4f | val_loss %.4f val_accuracy %.4f | "
+            "%.1fs, %.0f images/s",
+            record.epoch, self.config.epochs, record.loss, record.accuracy, record.val_loss,
+            record.val_accuracy, record.seconds, record.images_per_second,
+        )  # fmt: skip
+        return record
+
+    def _record(self, record: EpochRecord) -> None:
+        self.history.append(record)
+        if self.is_chief:
+            save_history(self.run_dir / "history.json", self.history)
+            self.tensorboard.write(record)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _identity(self) -> dict:
+        return {
+            "data_fingerprint": self.dataset.info.fingerprint,
+            "batch_size": self.config.batch_size,
+            "seed": self.config.seed,
+            "model": self.config.model_part().model_dump(),
+            "optimizer": self.config.optimizer,
+        }
+
+    def _distributed_eval(self, split: str):
+        batches = pipeline.evaluation_batches(
+            self.dataset, split, global_batch_size=self.config.batch_size
+        )
+        return self.setup.strategy.experimental_distribute_dataset(batches)
+
+    # --- export ---------------------------------------------------------------------------
+
+    def _export_once(self, test: StepTotals, training_seconds: float) -> ExportResult | None:
+        """Export, unless this run directory already exported this very step (a restarted Job
+        must not publish the same training twice)."""
+        marker = self.run_dir / "export.json"
+        if marker.exists():
+            previous = json.loads(marker.read_text())
+            if previous.get("global_step") == self.step:
+                log.info("run already exported version %s at step %d: %s",
+                         previous.get("version"), self.step, previous.get("path"))  # fmt: skip
+                return None
+        test_images, test_labels = self.dataset.arrays("test")
+        representative, _ = self.dataset.arrays("train", limit=200)
+        result = export_version(
+            self.trainer.model,
+            model_base=self.config.model_base,
+            model_name=self.config.model_name,
+            version=self.config.version,
+            test_images=test_images,
+            test_labels=test_labels,
+            representative_images=representative,
+            card_fields=self._card_fields(test, training_seconds),
+            tflite=self.config.tflite,
+            is_chief=self.is_chief,
+        )
+        if self.is_chief:
+            write_json_atomic(marker, {"version": result.version, "path": str(result.path),
+                                       "global_step": self.step})  # fmt: skip
+        return result
+
+    def _card_fields(self, test: StepTotals, training_seconds: float) -> dict:
+        return {
+            "dataset": self.dataset.info.to_json(),
+            "test_metrics": {
+                "accuracy": _accuracy(test),
+                "loss": test.mean_loss,
+                "examples": test.count,
+            },
+            "training": {
+                "config": self.config.model_dump(),
+                "strategy": self.setup.name,
+                "replicas": self.setup.num_replicas,
+                "workers": self.setup.role.num_workers,
+                "global_steps": self.step,
+                "epochs": self.config.epochs,
+                "seconds": round(training_seconds, 3),
+                "run_dir": str(self.run_dir),
+                "final_epoch": asdict(self.history[-1]) if self.history else None,
+                "precision_policy": keras.mixed_precision.global_policy().name,
+            },
+        }
+
+
+def _accuracy(totals: StepTotals) -> float:
+    return totals.correct / max(totals.count, 1)
