@@ -206,7 +206,7 @@ def test_existing_version_is_never_overwritten(tmp_path):
 
 
 def test_mixed_precision_run_with_tflite_export(tmp_path):
-    code, stdout, stderr = run(
+    code, _, stderr = run(
         *train_args(tmp_path, "--epochs", "2", "--replicas", "2", "--mixed-precision", "--tflite")
     )
     assert code == 0, stderr[-3000:]
