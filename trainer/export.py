@@ -7,7 +7,10 @@ never overwritten, and a failed or interrupted export leaves no numeric director
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import logging
 import os
 import re
@@ -251,12 +254,45 @@ def _fsync_tree(directory: Path) -> None:
         _fsync(root)
 
 
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+def _rename_no_replace(source: Path, target: Path) -> None:
+    """rename(2) that fails with EEXIST even when `target` is an empty directory.
+
+    Plain rename silently replaces an empty directory, so a concurrent exporter that has just
+    created `<version>/` could lose it. Linux's renameat2(RENAME_NOREPLACE) closes that gap;
+    where it is missing (other systems, some file systems) plain rename is the fallback.
+    """
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None) if libc is not None else None
+    if renameat2 is not None:
+        result = renameat2(
+            _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE
+        )
+        if result == 0:
+            return
+        error = ctypes.get_errno()
+        if error not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(error, os.strerror(error), str(target))
+    os.rename(source, target)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
 def _publish(temp_dir: Path, model_dir: Path, version: int) -> Path:
     """Rename the verified temp dir to `<version>`; VersionExistsError if someone else won."""
     _raise_if_exists(model_dir, version)
     target = _version_path(model_dir, version)
     try:
-        os.rename(temp_dir, target)
+        _rename_no_replace(temp_dir, target)
     except OSError as exc:
         # A non-empty target makes rename(2) fail: a concurrent exporter got there first.
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import select
@@ -383,3 +384,17 @@ def test_float32_copy_has_the_same_weights_and_float32_layers(mixed_bfloat16):
     assert signatures.computes_in_float32(copy)
     for original, copied in zip(model.get_weights(), copy.get_weights(), strict=True):
         np.testing.assert_array_equal(original, copied)
+
+
+def test_publish_never_replaces_an_empty_version_directory(tmp_path):
+    from trainer.export import _rename_no_replace
+
+    source = tmp_path / ".export-1-abc"
+    source.mkdir()
+    (source / "saved_model.pb").write_bytes(b"x")
+    target = tmp_path / "1"
+    target.mkdir()  # another exporter just created it, still empty
+    with pytest.raises(OSError) as caught:
+        _rename_no_replace(source, target)
+    assert caught.value.errno == errno.EEXIST
+    assert list(target.iterdir()) == [] and (source / "saved_model.pb").exists()
