@@ -10,6 +10,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("trainer.cli", "train_main", "train the Conv2D model and export a version"),
     "data": ("trainer.data_cli", "data_main", "dataset tools: to-tfrecord"),
+    "serve": ("serving.cli", "serve_main", "serve models over TF Serving's gRPC and REST APIs"),
+    "models-config": ("serving.cli", "models_config_main", "write or edit a models.config"),
     "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
 }
 

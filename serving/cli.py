@@ -1,0 +1,432 @@
+"""`convstack serve` (flags named as TF Serving's, with dashes or underscores) and
+`convstack models-config` (write or edit a models.config)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import asyncio
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from serving import launcher
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def flag(self, name: str, *aliases: str, **kwargs):
+        """Register `--name_with_underscores` and `--name-with-dashes` (plus aliases)."""
+        spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
+        return self.add_argument(*sorted(spellings, key=len), dest=name, **kwargs)
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="convstack serve",
+        description="Serve exported models through TensorFlow Serving's gRPC and REST APIs: "
+        "the embedded server, or the real tensorflow_model_server when present.",
+    )
+    parser.flag(
+        "backend",
+        choices=["auto", "embedded", "tfserving"],
+        default="auto",
+        help="auto: real TF Serving when found (PATH, $CONVSTACK_TFSERVING_BINARY or a "
+        "Docker engine), else embedded",
+    )
+    parser.flag("host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.flag("port", type=int, default=8500, help="gRPC port (default 8500)")
+    parser.flag(
+        "rest_api_port",
+        "--rest-port",
+        type=int,
+        default=8501,
+        help="REST port, 0 disables REST (default 8501)",
+    )
+    parser.flag(
+        "model_config_file",
+        "--model-config",
+        metavar="PATH",
+        help="a ModelServerConfig text proto (models.config)",
+    )
+    parser.flag("model_name", help="single model: its name")
+    parser.flag("model_base_path", help="single model: directory holding its numeric versions")
+    parser.flag(
+        "model_base",
+        help="single model: the model repository root (with --model-name, "
+        "the versions are under MODEL_BASE/MODEL_NAME)",
+    )
+    parser.flag(
+        "file_system_poll_wait_seconds",
+        type=float,
+        default=1.0,
+        help="seconds between scans for new versions; 0 scans once (default 1)",
+    )
+    parser.flag(
+        "model_config_file_poll_wait_seconds",
+        type=float,
+        default=0.0,
+        help="seconds between re-reads of --model_config_file; 0 never (default 0)",
+    )
+    parser.flag("enable_batching", action="store_true", help="server-side batching")
+    parser.flag(
+        "batching_parameters_file",
+        metavar="PATH",
+        help="BatchingParameters text proto (implies --enable_batching)",
+    )
+    parser.flag(
+        "monitoring_config_file",
+        metavar="PATH",
+        help="MonitoringConfig text proto enabling Prometheus metrics on the REST port",
+    )
+    parser.flag(
+        "allow_version_labels_for_unavailable_models",
+        action="store_true",
+        help="allow labels on versions that are not AVAILABLE (TF Serving's flag)",
+    )
+    parser.flag("max_num_load_retries", type=int, default=5, help="retries of a failed load")
+    parser.flag(
+        "load_retry_interval_micros",
+        type=int,
+        default=60_000_000,
+        help="wait between load retries (default one minute, as TF Serving)",
+    )
+    parser.flag(
+        "rest_api_timeout_in_ms",
+        type=int,
+        default=30_000,
+        help="deadline of a REST request (default 30000)",
+    )
+    parser.flag(
+        "ssl_config_file",
+        metavar="PATH",
+        help="TF Serving SSLConfig text proto (server_key, server_cert, custom_ca, client_verify)",
+    )
+    parser.flag("tls_cert", metavar="PEM", help="server certificate file (gRPC TLS)")
+    parser.flag("tls_key", metavar="PEM", help="server private key file")
+    parser.flag("tls_client_ca", metavar="PEM", help="require client certificates signed by it")
+    parser.flag(
+        "max_message_bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="largest gRPC message or REST body accepted",
+    )
+    parser.flag(
+        "max_concurrent_requests",
+        type=int,
+        default=1024,
+        help="requests in flight before RESOURCE_EXHAUSTED",
+    )
+    parser.flag("request_threads", type=int, default=4, help="threads running unbatched requests")
+    parser.flag(
+        "shutdown_grace_seconds",
+        type=float,
+        default=10.0,
+        help="how long in-flight requests may take after SIGTERM",
+    )
+    return parser
+
+
+class UsageError(ValueError):
+    """Bad flags or files; one line, exit status 2."""
+
+
+def model_config_from_args(args):
+    """The ModelServerConfig the flags describe (file, or a single model)."""
+    from serving import model_config
+
+    single = args.model_name or args.model_base_path or args.model_base
+    if args.model_config_file and single:
+        raise UsageError("give either --model_config_file or a single model, not both")
+    if args.model_config_file:
+        return model_config.load_model_config(args.model_config_file)
+    if not args.model_name:
+        raise UsageError(
+            "give --model_config_file, or --model_name with --model_base_path (or --model_base)"
+        )
+    if args.model_base_path:
+        base_path = Path(args.model_base_path)
+    elif args.model_base:
+        base_path = Path(args.model_base) / args.model_name
+    else:
+        raise UsageError("--model_name needs --model_base_path or --model_base")
+    return model_config.single_model_config(args.model_name, str(base_path.resolve()))
+
+
+def tls_from_args(args):
+    from serving.server import TlsOptions
+
+    if args.ssl_config_file:
+        return tls_from_ssl_config(Path(args.ssl_config_file))
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise UsageError("--tls_cert and --tls_key go together")
+        ca = Path(args.tls_client_ca) if args.tls_client_ca else None
+        return TlsOptions(Path(args.tls_cert), Path(args.tls_key), ca)
+    if args.tls_client_ca:
+        raise UsageError("--tls_client_ca needs --tls_cert and --tls_key")
+    return None
+
+
+_SSL_FIELD = re.compile(
+    r'(server_key|server_cert|custom_ca)\s*:\s*("(?:[^"\\]|\\.)*")'
+    r"|(client_verify)\s*:\s*(true|false)",
+    re.DOTALL,
+)
+
+
+def tls_from_ssl_config(path: Path):
+    """TF Serving's SSLConfig holds PEM contents inline; they are written to private temporary
+    files for grpc."""
+    from serving.server import TlsOptions
+
+    text = re.sub(r"#[^\n]*", "", path.read_text())
+    values: dict[str, str] = {}
+    for match in _SSL_FIELD.finditer(text):
+        if match.group(1):
+            values[match.group(1)] = ast.literal_eval(match.group(2))
+        else:
+            values[match.group(3)] = match.group(4)
+    leftover = _SSL_FIELD.sub("", text).strip()
+    if leftover:
+        raise UsageError(f"{path}: unknown or malformed SSLConfig content: {leftover[:60]!r}")
+    if "server_key" not in values or "server_cert" not in values:
+        raise UsageError(f"{path}: SSLConfig needs server_key and server_cert")
+    directory = Path(tempfile.mkdtemp(prefix="convstack-tls-"))
+    files = {}
+    for name in ("server_key", "server_cert", "custom_ca"):
+        if name in values:
+            files[name] = directory / f"{name}.pem"
+            fd = os.open(files[name], os.O_WRONLY | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(values[name])
+    client_ca = files.get("custom_ca") if values.get("client_verify") == "true" else None
+    return TlsOptions(files["server_cert"], files["server_key"], client_ca)
+
+
+def server_options(args):
+    from serving.batching import load_batching_parameters
+    from serving.metrics import MonitoringConfig, load_monitoring_config
+    from serving.server import ServerOptions
+
+    batching = None
+    if args.enable_batching or args.batching_parameters_file:
+        batching = (
+            load_batching_parameters(args.batching_parameters_file)
+            if args.batching_parameters_file
+            else _default_batching()
+        )
+    monitoring = (
+        load_monitoring_config(args.monitoring_config_file)
+        if args.monitoring_config_file
+        else MonitoringConfig()
+    )
+    return ServerOptions(
+        model_config=model_config_from_args(args),
+        host=args.host,
+        port=args.port,
+        rest_port=args.rest_api_port,
+        model_config_file=Path(args.model_config_file) if args.model_config_file else None,
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        batching=batching,
+        monitoring=monitoring,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
+        grpc_max_message_bytes=args.max_message_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        request_threads=args.request_threads,
+        rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000,
+        shutdown_grace_seconds=args.shutdown_grace_seconds,
+        tls=tls_from_args(args),
+    )
+
+
+def _default_batching():
+    from serving.batching import BatchingParameters
+
+    return BatchingParameters()
+
+
+def choose_backend(requested: str) -> tuple[str, str | None]:
+    """('tfserving', binary-or-'docker') or ('embedded', None), and say why."""
+    if requested == "embedded":
+        return "embedded", None
+    binary = launcher.find_binary()
+    if binary:
+        return "tfserving", binary
+    if launcher.docker_engine_answers():
+        return "tfserving", "docker"
+    if requested == "tfserving":
+        raise UsageError(
+            "--backend tfserving: no tensorflow_model_server on PATH or in "
+            f"${launcher.BINARY_ENV}, and no Docker engine answers"
+        )
+    return "embedded", None
+
+
+def configure_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve_main(argv: list[str]) -> int:
+    args = build_serve_parser().parse_args(argv)
+    configure_logging()
+    try:
+        backend, where = choose_backend(args.backend)
+        logging.getLogger("serving").info(
+            "backend: %s%s",
+            backend,
+            f" ({where})"
+            if where
+            else " (no TF Serving binary or Docker engine found)"
+            if args.backend == "auto"
+            else "",
+        )
+        if backend == "tfserving":
+            return _exec_tfserving(args, where)
+        options = server_options(args)
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"convstack serve: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    from serving.errors import ServingError
+    from serving.server import EmbeddedServer
+
+    try:
+        return asyncio.run(EmbeddedServer(options).run())
+    except ServingError as exc:  # e.g. the initial models failed to load
+        print(f"convstack serve: error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _exec_tfserving(args, where: str) -> int:
+    from serving import model_config
+
+    config_path = args.model_config_file
+    if not config_path:  # TF Serving gets the same single-model config as a file
+        config = model_config_from_args(args)
+        with tempfile.NamedTemporaryFile("w", suffix=".config", delete=False) as handle:
+            handle.write(model_config.format_model_config(config))
+        config_path = handle.name
+    flags = launcher.TfServingFlags(
+        port=args.port,
+        rest_api_port=args.rest_api_port,
+        model_config_file=Path(config_path),
+        model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
+        file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
+        enable_batching=bool(args.enable_batching or args.batching_parameters_file),
+        batching_parameters_file=_path(args.batching_parameters_file),
+        monitoring_config_file=_path(args.monitoring_config_file),
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        max_num_load_retries=args.max_num_load_retries,
+        load_retry_interval_micros=args.load_retry_interval_micros,
+        rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
+        ssl_config_file=_path(args.ssl_config_file),
+        host=args.host,
+    )
+    if where == "docker":
+        config = model_config.load_model_config(config_path)
+        mounts = [Path(config_path).parent] + [
+            Path(m.base_path) for m in config.model_config_list.config
+        ]
+        command = launcher.docker_command(flags, mounts)
+    else:
+        command = launcher.binary_command(where, flags)
+    launcher.exec_command(command)
+    return 0  # not reached: exec replaced this process
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value).resolve() if value else None
+
+
+def build_models_config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convstack models-config",
+        description="Write or edit a models.config (TF Serving's ModelServerConfig text proto). "
+        "Every change is validated and written atomically.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    show = verbs.add_parser("show", help="print the config")
+    add = verbs.add_parser("add", help="add a model (creates the file if missing)")
+    add.add_argument("--name", required=True)
+    add.add_argument("--base-path", required=True, help="directory holding numeric versions")
+    policy = verbs.add_parser("set-policy", help="set a model's version policy")
+    policy.add_argument("--name", required=True)
+    labels = verbs.add_parser("set-labels", help="set a model's version labels")
+    labels.add_argument("--name", required=True)
+    labels.add_argument("labels", nargs="*", metavar="LABEL=VERSION")
+    remove = verbs.add_parser("remove", help="remove a model")
+    remove.add_argument("--name", required=True)
+    for sub in (show, add, policy, labels, remove):
+        sub.add_argument("--config", required=True, metavar="PATH", help="the models.config")
+    for sub in (add, policy):
+        choice = sub.add_mutually_exclusive_group()
+        choice.add_argument("--latest", type=int, metavar="N", help="serve the N newest versions")
+        choice.add_argument("--all", action="store_true", help="serve every version")
+        choice.add_argument("--specific", metavar="V,V", help="serve exactly these versions")
+    return parser
+
+
+def _policy_kwargs(args) -> dict:
+    if args.all:
+        return {"all": True}
+    if args.specific:
+        try:
+            return {"specific": [int(v) for v in args.specific.split(",")]}
+        except ValueError as exc:
+            raise UsageError(
+                f"--specific: expected versions like 1,2, got {args.specific!r}"
+            ) from exc
+    return {"latest": args.latest or 1}
+
+
+def _parse_labels(items: list[str]) -> dict[str, int]:
+    labels = {}
+    for item in items:
+        label, _, version = item.partition("=")
+        if not label or not version.isdigit():
+            raise UsageError(f"expected LABEL=VERSION, got {item!r}")
+        labels[label] = int(version)
+    return labels
+
+
+def models_config_main(argv: list[str]) -> int:
+    from serving import model_config as mc
+
+    args = build_models_config_parser().parse_args(argv)
+    path = Path(args.config)
+    try:
+        if args.verb == "add" and not path.exists():
+            config = mc.parse_model_config("", str(path))
+        else:
+            config = mc.load_model_config(path)
+        if args.verb == "show":
+            print(mc.format_model_config(config), end="")
+            return 0
+        if args.verb == "add":
+            config = mc.add_model(config, args.name, str(Path(args.base_path).resolve()))
+            config = mc.set_version_policy(config, args.name, **_policy_kwargs(args))
+        elif args.verb == "set-policy":
+            config = mc.set_version_policy(config, args.name, **_policy_kwargs(args))
+        elif args.verb == "set-labels":
+            config = mc.set_version_labels(config, args.name, _parse_labels(args.labels))
+        elif args.verb == "remove":
+            config = mc.remove_model(config, args.name)
+        mc.validate_model_config(config)
+        mc.write_model_config(path, config)
+    except (UsageError, ValueError, OSError) as exc:
+        print(f"convstack models-config: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {path}")
+    return 0

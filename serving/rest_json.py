@@ -1,0 +1,747 @@
+"""TensorFlow Serving's REST JSON codec: request bodies -> numpy, outputs -> JSON-ready dicts.
+
+Pure and transport-free: no HTTP here. Behaviour and error wording follow TF Serving's
+`util/json_tensor.cc` and `model_servers/http_rest_api_util.cc`:
+
+* row format `{"instances": [...]}`: one entry per batch row, either plain values (one input) or
+  objects keyed by input name (every object has exactly the signature's keys); inputs get a
+  leading batch dimension. Columnar format `{"inputs": value-or-object}`: tensors as given.
+* JSON numbers convert to the signature's dtype under TF Serving's rules: integer dtypes take
+  only integer literals in range; float/double refuse integers they cannot hold exactly
+  (above 2**24-1 / 2**53-1) and finite numbers beyond their range; bool takes true/false only.
+  DT_STRING takes JSON strings (UTF-8) and `{"b64": "..."}` objects. half, bfloat16, uint16 and
+  complex inputs are UNIMPLEMENTED in TF Serving's REST API, and here.
+* Output strings of tensors whose name ends in `_bytes` are `{"b64": ...}`; float32 values are
+  written with their shortest round-tripping decimal (0.1, not 0.10000000149011612), as TF
+  Serving does. NaN and +-Infinity become the bare tokens `NaN`, `Infinity`, `-Infinity`, which
+  `json.dumps` (allow_nan=True, its default) and TF Serving both write.
+
+Numeric inputs take a vectorised path (`np.array` over the parsed lists) whenever it provably
+gives what TF Serving's element-by-element walk would; anything else (strings, b64, errors,
+edge values) takes the exact walk, which also produces TF Serving's error for the first bad
+element.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+from google.protobuf import json_format
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
+
+from serving.errors import InvalidArgument, Unimplemented
+
+__all__ = [
+    "COLUMNAR",
+    "ROW",
+    "InputSpec",
+    "RestFormatError",
+    "RestUnimplementedError",
+    "SignatureInputs",
+    "TensorSpecLike",
+    "format_metadata",
+    "format_predict_response",
+    "format_status",
+    "parse_predict_body",
+]
+
+ROW = "row"
+COLUMNAR = "columnar"
+
+_B64 = "b64"
+_BYTES_SUFFIX = "_bytes"
+
+# TensorFlow's DataTypeString() names, used in TF Serving's messages.
+_TF_TYPE_NAMES = {
+    "float32": "float",
+    "float64": "double",
+    "float16": "half",
+    "bfloat16": "bfloat16",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "bool": "bool",
+    "complex64": "complex64",
+    "complex128": "complex128",
+    "object": "string",
+}
+# tensorflow.DataType enum values (types.proto) -> numpy dtype names.
+_ENUM_NAMES = {
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    5: "int16",
+    6: "int8",
+    7: "object",
+    8: "complex64",
+    9: "int64",
+    10: "bool",
+    14: "bfloat16",
+    17: "uint16",
+    18: "complex128",
+    19: "float16",
+    22: "uint32",
+    23: "uint64",
+}
+# int8/int16/uint8 travel in TF's int32 `int_val` field: JSON must be an int32, then C-cast.
+_INT32_FIELD = {"int8", "int16", "int32", "uint8"}
+_INT_RANGES = {
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+    "uint32": (0, 2**32 - 1),
+    "uint64": (0, 2**64 - 1),
+}
+# Largest integers float/double hold exactly (TF Serving's IsLosslessDecimal uses 2**digits - 1).
+_LOSSLESS_INT = {"float32": 2**24 - 1, "float64": 2**53 - 1}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_RANK = 64  # numpy's limit on dimensions
+
+# rapidjson's wording for the Python json module's parse errors (TF Serving echoes rapidjson's).
+_PARSE_ERRORS = {
+    "Expecting value": "Invalid value.",
+    "Extra data": "The document root must not be followed by other values.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Unterminated string starting at": "Missing a closing quotation mark in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+}
+
+
+class RestFormatError(InvalidArgument, ValueError):
+    """A request TF Serving's REST API rejects with INVALID_ARGUMENT (HTTP 400)."""
+
+
+class RestUnimplementedError(Unimplemented, ValueError):
+    """A JSON value for a dtype TF Serving's REST API cannot convert (UNIMPLEMENTED, HTTP 501)."""
+
+
+class TensorSpecLike(Protocol):
+    """Anything with a numpy-compatible `dtype` (a tf.DType works too); shape is not needed."""
+
+    dtype: Any
+
+
+InputSpec = TensorSpecLike | tuple  # or (dtype, shape), shape unused here
+SignatureInputs = Mapping[str, InputSpec] | Callable[[str], Mapping[str, InputSpec]]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON helpers
+
+
+def _dump(value) -> str:
+    """A JSON value as TF Serving quotes it in messages (rapidjson's PrettyWriter layout)."""
+    return json.dumps(value, indent=4, ensure_ascii=False)
+
+
+def _json_type(value) -> str:
+    if value is None:
+        return "Null"
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, dict):
+        return "Object"
+    if isinstance(value, list):
+        return "Array"
+    if isinstance(value, str):
+        return "String"
+    return "Number"
+
+
+def _status(error: Exception) -> str:
+    """absl::Status::ToString() of a wrapped error, e.g. "INVALID_ARGUMENT: <message>"."""
+    return f"{error.code}: {error.message}"
+
+
+def _parse_json(body: bytes | str):
+    if not body:
+        raise RestFormatError("JSON Parse error: The document is empty")
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RestFormatError(
+                f"JSON Parse error: Invalid encoding in string. at offset: {exc.start}"
+            ) from None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        reason = _PARSE_ERRORS.get(exc.msg, exc.msg)
+        if exc.msg == "Expecting value" and not body.strip():
+            reason = "The document is empty."
+        raise RestFormatError(f"JSON Parse error: {reason} at offset: {exc.pos}") from None
+    except RecursionError:
+        raise RestFormatError("JSON Parse error: document nested too deeply") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Signature input dtypes
+
+
+def _spec_dtype(spec) -> np.dtype:
+    if isinstance(spec, tuple):
+        dtype = spec[0]
+    elif isinstance(spec, (np.dtype, type, str, int)):
+        dtype = spec
+    else:
+        dtype = spec.dtype  # TensorSpec, TensorInfo, or any object with a dtype
+    if isinstance(dtype, int) and not isinstance(dtype, bool):
+        dtype = _enum_dtype(dtype)
+    dtype = getattr(dtype, "as_numpy_dtype", dtype)  # tf.DType -> numpy type, no TF import
+    dtype = np.dtype(dtype)
+    return np.dtype(object) if dtype.kind in "SU" else dtype
+
+
+def _enum_dtype(enum: int) -> np.dtype:
+    """A tensorflow.DataType enum value (e.g. TensorInfo.dtype) as a numpy dtype."""
+    name = _ENUM_NAMES.get(enum)
+    if name is None:
+        raise RestUnimplementedError(f"Conversion of JSON values to DataType {enum}")
+    if name == "bfloat16":
+        import ml_dtypes  # installed with TensorFlow; only needed to name this dtype
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _type_name(dtype: np.dtype) -> str:
+    return _TF_TYPE_NAMES.get(dtype.name, dtype.name)
+
+
+def _input_dtypes(signature_inputs: SignatureInputs, signature_name: str) -> dict[str, np.dtype]:
+    specs = signature_inputs(signature_name) if callable(signature_inputs) else signature_inputs
+    if not specs:
+        raise RestFormatError(
+            f"Failed to get input map for signature: {signature_name or 'DEFAULT'}"
+        )
+    return {name: _spec_dtype(spec) for name, spec in specs.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact element-by-element conversion (TF Serving's FillTensorProto / AddValueToTensor)
+
+
+def _type_error(value, dtype: np.dtype) -> RestFormatError:
+    return RestFormatError(
+        f"JSON Value: {_dump(value)} Type: {_json_type(value)} "
+        f"is not of expected type: {_type_name(dtype)}"
+    )
+
+
+def _is_b64_object(value) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(_B64), str)
+
+
+def _decode_b64(value) -> bytes:
+    if not _is_b64_object(value):
+        raise RestFormatError(f"JSON Value: {_dump(value)} not formatted correctly for base64 data")
+    text = value[_B64]
+    try:
+        # absl::Base64Unescape accepts missing padding; the strict decoder needs it.
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise RestFormatError("Unable to base64 decode") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _lossless(value, name: str) -> bool:
+    limit = _LOSSLESS_INT[name]
+    if _is_int(value) and -(2**63) <= value < 2**64:  # rapidjson's Int64/Uint64 numbers
+        return abs(value) <= limit
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond double's range
+        return False
+    if not math.isfinite(number):
+        return True
+    return name == "float64" or -_FLOAT32_MAX <= number <= _FLOAT32_MAX
+
+
+def _convert(value, dtype: np.dtype):
+    """One JSON scalar (or b64 object) -> a Python value ready for an array of `dtype`."""
+    name = dtype.name
+    if isinstance(value, dict):
+        if name == "object":
+            return _decode_b64(value)
+        raise _type_error(value, dtype)
+    if name in _LOSSLESS_INT:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(value, dtype)
+        if not _lossless(value, name):
+            target = "float" if name == "float32" else "double"
+            raise RestFormatError(
+                f"Cannot convert JSON value: {_dump(value)} to {target} without loss of precision."
+            )
+        return float(value)
+    if name == "object":
+        if not isinstance(value, str):
+            raise _type_error(value, dtype)
+        return value.encode("utf-8")
+    if name == "bool":
+        if not isinstance(value, bool):
+            raise _type_error(value, dtype)
+        return value
+    range_name = "int32" if name in _INT32_FIELD else name
+    if range_name in _INT_RANGES:
+        low, high = _INT_RANGES[range_name]
+        if not (_is_int(value) and low <= value <= high):
+            raise _type_error(value, dtype)
+        return value
+    raise RestUnimplementedError(
+        f"Conversion of JSON Value: {_dump(value)} to type: {_type_name(dtype)}"
+    )
+
+
+def _dense_shape(value) -> list[int]:
+    """TF Serving's shape of a nested list: follow the first element down."""
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return shape
+
+
+def _fill(value, level: int, shape: list[int], dtype: np.dtype, out: list) -> None:
+    if not isinstance(value, list):
+        if level != len(shape):
+            raise RestFormatError(
+                f"JSON Value: {_dump(value)} found at incorrect level: {level + 1} in the JSON "
+                f"DOM. Expected at level: {len(shape)}"
+            )
+        out.append(_convert(value, dtype))
+        return
+    if level >= len(shape):
+        raise RestFormatError(
+            f"Encountered list at unexpected level: {level} expected < {len(shape)}"
+        )
+    if len(value) != shape[level]:
+        raise RestFormatError(
+            f"Encountered list at unexpected size: {len(value)} at level: {level} "
+            f"expected size: {shape[level]}"
+        )
+    for item in value:
+        _fill(item, level + 1, shape, dtype, out)
+
+
+def _tensor_values(value, dtype: np.dtype) -> tuple[list[int], list]:
+    shape = _dense_shape(value)
+    values: list = []
+    _fill(value, 0, shape, dtype, values)
+    return shape, values
+
+
+def _to_array(values: list, shape: list[int], dtype: np.dtype) -> np.ndarray:
+    if len(shape) > _MAX_RANK:
+        raise RestFormatError(f"JSON value nested {len(shape)} lists deep; at most {_MAX_RANK}")
+    if dtype.kind == "O":
+        array = np.empty(len(values), dtype=dtype)
+        array[:] = values
+        return array.reshape(shape)
+    if dtype.kind in "iu":
+        # Values are range-checked ints; the int64 detour makes int8/int16/uint8 wrap like
+        # TF's C++ cast from int_val, and uint64 keeps its full range.
+        wide = np.uint64 if dtype == np.uint64 else np.int64
+        return np.array(values, dtype=wide).astype(dtype).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
+
+
+def _shape_text(shape: list[int]) -> str:
+    return "[" + ",".join(str(size) for size in shape) + "]"
+
+
+class _RowBatch:
+    """Accumulates one input across instances, checking each has the first one's shape."""
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+        self.shape: list[int] | None = None
+        self.size = 0
+        self.values: list = []
+
+    def add(self, item) -> None:
+        shape, values = _tensor_values(item, self.dtype)
+        if self.shape is None:
+            self.shape, self.size = shape, len(values)
+        elif self.size != len(values):
+            raise RestFormatError(f"Expecting tensor size: {self.size} but got: {len(values)}")
+        elif self.shape != shape:
+            raise RestFormatError(
+                f"Expecting shape {_shape_text(self.shape)} but got: {_shape_text(shape)}"
+            )
+        self.values.extend(values)
+
+    def array(self, rows: int) -> np.ndarray:
+        return _to_array(self.values, [rows, *(self.shape or [])], self.dtype)
+
+
+def _add_instance_item(item, name: str, dtypes, batches: dict[str, _RowBatch]) -> None:
+    if name not in dtypes:
+        raise RestFormatError(f"JSON object: does not have named input: {name}")
+    batch = batches.get(name)
+    if batch is None:
+        batch = batches[name] = _RowBatch(dtypes[name])
+    batch.add(item)
+
+
+def _is_element_object(value) -> bool:
+    return isinstance(value, dict) and not _is_b64_object(value)
+
+
+def _exact_rows(instances: list, dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    names = sorted(dtypes)
+    objects = _is_element_object(instances[0])
+    batches: dict[str, _RowBatch] = {}
+    for index, element in enumerate(instances):
+        if objects:
+            _add_object_row(index, element, names, dtypes, batches)
+            continue
+        if _is_element_object(element):
+            raise RestFormatError(
+                f"Expecting value/list but got object at item {index} of input list"
+            )
+        try:
+            _add_instance_item(element, names[0], dtypes, batches)
+        except (RestFormatError, RestUnimplementedError) as exc:
+            raise RestFormatError(
+                f"Failed to process element: {index} of 'instances' list. Error: {_status(exc)}"
+            ) from None
+    return {name: batches[name].array(len(instances)) for name in dtypes if name in batches}
+
+
+def _add_object_row(index: int, element, names: list[str], dtypes, batches) -> None:
+    if not _is_element_object(element):
+        raise RestFormatError(f"Expecting object but got list at item {index} of input list")
+    for key, item in element.items():
+        try:
+            _add_instance_item(item, key, dtypes, batches)
+        except (RestFormatError, RestUnimplementedError) as exc:
+            raise RestFormatError(
+                f"Failed to process element: {index} key: {key} of 'instances' list. "
+                f"Error: {_status(exc)}"
+            ) from None
+    if set(element) != set(names):
+        raise RestFormatError(
+            f"Failed to process element: {index} of 'instances' list. JSON object: "
+            f"{_dump(element)} must only have keys: {','.join(names)}"
+        )
+
+
+def _exact_tensor(value, dtype: np.dtype) -> np.ndarray:
+    shape, values = _tensor_values(value, dtype)
+    return _to_array(values, shape, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorised path: used only where it provably matches the exact walk
+
+
+def _fast_numeric(value, dtype: np.dtype, bool_tokens: bool) -> np.ndarray | None:
+    """`value` as an array of `dtype`, or None when only the exact walk can decide."""
+    name = dtype.name
+    if name != "bool":
+        numeric = name in _LOSSLESS_INT or name in _INT_RANGES or name in _INT32_FIELD
+        # numpy silently turns JSON true/false into 1/0 where TF Serving rejects them, so a
+        # body with those tokens anywhere (even inside strings) takes the exact walk.
+        if not numeric or bool_tokens:
+            return None
+    try:
+        array = np.array(value)
+    except (ValueError, OverflowError):
+        return None  # ragged, or an integer beyond 64 bits
+    if name == "bool":
+        return array if array.dtype == np.bool_ else None
+    if name in _LOSSLESS_INT:
+        return _fast_float(array, name, dtype)
+    return _fast_int(array, name, dtype)
+
+
+def _fast_int(array: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray | None:
+    if array.dtype.kind not in "iu" or array.size == 0:
+        return None  # a float anywhere is a type error; let the exact walk name it
+    low, high = _INT_RANGES["int32" if name in _INT32_FIELD else name]
+    if int(array.min()) < low or int(array.max()) > high:
+        return None
+    return array.astype(dtype)
+
+
+def _fast_float(array: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray | None:
+    if array.dtype.kind not in "iuf" or array.size == 0:
+        return None
+    limit = _LOSSLESS_INT[name]
+    if array.dtype.kind == "f":
+        # An integral float here may have been an integer literal, which has the tighter limit.
+        big = np.abs(array) > limit
+        if big.any() and np.isfinite(array[big]).any():
+            return None
+    elif int(array.min()) < -limit or int(array.max()) > limit:
+        return None
+    return array.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing
+
+
+def _rows(instances: list, dtypes: dict[str, np.dtype], bool_tokens: bool):
+    if not isinstance(instances[0], dict) and len(dtypes) > 1:
+        raise RestFormatError(
+            "instances is a plain list, but expecting list of objects as multiple input "
+            "tensors required as per tensorinfo_map"
+        )
+    if _is_element_object(instances[0]):
+        names = set(dtypes)
+        if not all(_is_element_object(row) and row.keys() == names for row in instances):
+            return _exact_rows(instances, dtypes)
+        columns = {name: [row[name] for row in instances] for name in dtypes}
+    else:
+        columns = {sorted(dtypes)[0]: instances}
+    fast = {}
+    for name, column in columns.items():
+        array = _fast_numeric(column, dtypes[name], bool_tokens)
+        if array is None:
+            return _exact_rows(instances, dtypes)
+        fast[name] = array
+    return fast
+
+
+def _columns(inputs, dtypes: dict[str, np.dtype], bool_tokens: bool):
+    if not isinstance(inputs, dict) or _is_b64_object(inputs):
+        if len(dtypes) > 1:
+            raise RestFormatError(
+                "inputs is a plain value/list, but expecting an object as multiple input "
+                "tensors required as per tensorinfo_map"
+            )
+        values = {sorted(dtypes)[0]: inputs}
+    else:
+        values = {}
+        for name in sorted(dtypes):
+            if name not in inputs:
+                raise RestFormatError(f"Missing named input: {name} in 'inputs' object.")
+            values[name] = inputs[name]
+    tensors = {}
+    for name in dtypes:
+        if name in values:
+            array = _fast_numeric(values[name], dtypes[name], bool_tokens)
+            tensors[name] = (
+                array if array is not None else _exact_tensor(values[name], dtypes[name])
+            )
+    return tensors
+
+
+def parse_predict_body(
+    body: bytes | str, signature_inputs: SignatureInputs
+) -> tuple[str, dict[str, np.ndarray], str]:
+    """Parse a `:predict` body into (signature_name or "", inputs, "row" | "columnar").
+
+    `signature_inputs` maps input key -> spec (an object with `.dtype`, or a `(dtype, shape)`
+    tuple), or is a callable taking the body's signature name ("" if absent) and returning that
+    mapping, because the signature is only known once the body is parsed; whatever it raises
+    (e.g. an unknown signature) propagates. Inputs come back as arrays of the signature dtypes,
+    DT_STRING as object arrays of bytes; columnar extra keys are ignored, as TF Serving does.
+    Raises RestFormatError (INVALID_ARGUMENT) with TF Serving's wording, or
+    RestUnimplementedError for dtypes TF Serving cannot fill from JSON.
+    """
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    document = _parse_json(body)
+    if not isinstance(document, dict):
+        raise RestFormatError(f"JSON Value: {_dump(document)} Is not object")
+    signature_name = document.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise RestFormatError(
+            f"JSON Value: {_dump(document)} not formatted correctly. 'signature_name' key must "
+            "be a string value."
+        )
+    dtypes = _input_dtypes(signature_inputs, signature_name)
+    if isinstance(body, str):
+        bool_tokens = "true" in body or "false" in body
+    else:
+        bool_tokens = b"true" in body or b"false" in body
+    if "instances" in document:
+        if "inputs" in document:
+            raise RestFormatError(
+                f"JSON Value: {_dump(document)} Not formatted correctly expecting only one of "
+                "'inputs' or 'instances' keys to exist "
+            )
+        instances = document["instances"]
+        if not isinstance(instances, list):
+            raise RestFormatError(
+                f"JSON Value: {_dump(document)} Excepting 'instances' to be an list/array"
+            )
+        if not instances:
+            raise RestFormatError(f"JSON Value: {_dump(document)} No values in 'instances' array")
+        return signature_name, _guarded(_rows, instances, dtypes, bool_tokens), ROW
+    if "inputs" in document:
+        inputs = _guarded(_columns, document["inputs"], dtypes, bool_tokens)
+        return signature_name, inputs, COLUMNAR
+    raise RestFormatError("Missing 'inputs' or 'instances' key")
+
+
+def _guarded(convert, value, dtypes, bool_tokens):
+    try:
+        return convert(value, dtypes, bool_tokens)
+    except RecursionError:
+        raise RestFormatError("JSON value nested too deeply") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Response formatting
+
+
+def _string_value(item, as_bytes: bool):
+    if isinstance(item, str):
+        if not as_bytes:
+            return item
+        item = item.encode("utf-8")
+    elif not as_bytes:
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError:
+            pass  # TF Serving would write the raw bytes, i.e. invalid JSON; b64 keeps them
+    return {_B64: base64.b64encode(item).decode("ascii")}
+
+
+def _json_values(name: str, array: np.ndarray):
+    """A tensor as nested lists of JSON-ready Python values."""
+    array = np.asarray(array)
+    kind = array.dtype.kind
+    if kind in "OSU":
+        as_bytes = name.endswith(_BYTES_SUFFIX)
+        flat = [_string_value(item, as_bytes) for item in array.ravel().tolist()]
+        out = np.empty(len(flat), dtype=object)
+        out[:] = flat
+        return out.reshape(array.shape).tolist()
+    type_name = array.dtype.name
+    if type_name == "float32":
+        # The shortest decimal that round-trips through float32, as a Python float, so that
+        # json.dumps writes 0.1 rather than float32's exact double 0.10000000149011612.
+        return array.astype(str).astype(np.float64).tolist()
+    if type_name in ("float64", "bool") or type_name in _INT_RANGES or type_name in _INT32_FIELD:
+        return array.tolist()
+    raise RestFormatError(f"Failed to write JSON value for tensor type: {_type_name(array.dtype)}")
+
+
+def _batch_size(outputs: Mapping[str, np.ndarray]) -> int:
+    batch = 0
+    for name in sorted(outputs):
+        shape = np.shape(outputs[name])
+        if not shape:
+            raise RestFormatError(f"Tensor name: {name} has no shape information ")
+        if shape[0] < 1:
+            raise RestFormatError(f"Tensor name: {name} has invalid batch size: {shape[0]}")
+        if batch and shape[0] != batch:
+            raise RestFormatError(
+                f"Tensor name: {name} has inconsistent batch size: {shape[0]} expecting: {batch}"
+            )
+        batch = shape[0]
+    return batch
+
+
+def format_predict_response(outputs: Mapping[str, np.ndarray], fmt: str) -> dict:
+    """Outputs as TF Serving's JSON: row -> {"predictions": [...]}, columnar -> {"outputs": ...}.
+
+    One output is written without its name; several give one object per row (row format) or
+    one object keyed by name (columnar). Serialize with `json.dumps` (allow_nan stays True).
+    """
+    if not outputs:
+        raise RestFormatError("Cannot convert empty tensor map to JSON")
+    if fmt == ROW:
+        batch = _batch_size(outputs)
+        values = {name: _json_values(name, outputs[name]) for name in sorted(outputs)}
+        if len(values) == 1:
+            return {"predictions": next(iter(values.values()))}
+        return {
+            "predictions": [{name: rows[i] for name, rows in values.items()} for i in range(batch)]
+        }
+    if fmt == COLUMNAR:
+        values = {name: _json_values(name, outputs[name]) for name in sorted(outputs)}
+        if len(values) == 1:
+            return {"outputs": next(iter(values.values()))}
+        return {"outputs": values}
+    raise RestFormatError("Invalid request format")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model status and metadata
+
+
+def _message_to_dict(message, *, preserve_names: bool) -> dict:
+    # TF Serving prints with always_print_primitive_fields, the old name of this option.
+    try:
+        return json_format.MessageToDict(
+            message,
+            preserving_proto_field_name=preserve_names,
+            always_print_fields_with_no_presence=True,
+        )
+    except TypeError:  # protobuf < 5.26
+        return json_format.MessageToDict(
+            message, preserving_proto_field_name=preserve_names, including_default_value_fields=True
+        )
+
+
+def format_status(statuses: list[tuple[int, str, str | int, str]]) -> dict:
+    """[(version, state, error_code, error_message)] -> GetModelStatusResponse JSON.
+
+    `state` is a ModelVersionStatus.State name (START, LOADING, AVAILABLE, UNLOADING, END),
+    `error_code` a tensorflow.error.Code name or number. Versions keep the given order (TF
+    Serving lists them newest first). As TF Serving's ToStatusProto, the message is only kept
+    for a non-OK code.
+    """
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version, state, error_code, error_message in statuses:
+        entry = response.model_version_status.add(version=int(version))
+        entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(state)
+        status = entry.status
+        status.SetInParent()
+        code_field = status.DESCRIPTOR.fields_by_name["error_code"]
+        if isinstance(error_code, str):
+            if error_code not in code_field.enum_type.values_by_name:
+                raise ValueError(f"unknown tensorflow.error.Code name {error_code!r}")
+            error_code = code_field.enum_type.values_by_name[error_code].number
+        status.error_code = error_code
+        if error_code != 0:
+            status.error_message = error_message
+    return _message_to_dict(response, preserve_names=False)
+
+
+def _signature_def_map(signature_defs) -> get_model_metadata_pb2.SignatureDefMap:
+    if isinstance(signature_defs, get_model_metadata_pb2.SignatureDefMap):
+        return signature_defs
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature_def in signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature_def)
+    return signature_map
+
+
+def format_metadata(model_name: str, version: int, signature_def_map_proto) -> dict:
+    """GetModelMetadata JSON as TF Serving's REST API writes it.
+
+    `signature_def_map_proto` is a `SignatureDefMap` or a mapping of key -> SignatureDef (e.g.
+    `MetaGraphDef.signature_def`). TF Serving prints `model_spec` and the unpacked
+    SignatureDefMap separately, both with proto field names and default values included.
+    """
+    model_spec = model_pb2.ModelSpec(name=model_name)
+    model_spec.version.value = int(version)
+    signature_map = _signature_def_map(signature_def_map_proto)
+    return {
+        "model_spec": _message_to_dict(model_spec, preserve_names=True),
+        "metadata": {"signature_def": _message_to_dict(signature_map, preserve_names=True)},
+    }

@@ -1,0 +1,429 @@
+"""One loaded model version: its SavedModel signatures, request validation, inference, warmup.
+
+Signatures are read from the SavedModel's MetaGraphDef (tag `serve`), exactly what TF Serving
+returns in GetModelMetadata. Requests are checked against them before anything reaches
+TensorFlow, with TF Serving's status codes and messages (predict_util.cc); then the loaded
+signature's concrete function runs them. Safe to call from many threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import message as protobuf_message
+from google.protobuf import text_format
+from tensorflow.core.framework import types_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
+
+from serving.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ServingError,
+    error_for_code,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+SERVE_TAG = "serve"
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+# TF Serving refuses a version whose warmup file holds more records than this.
+MAX_WARMUP_RECORDS = 1000
+# TF2 SavedModels list their initializer as a signature; it is metadata, not an endpoint.
+INIT_OP_SIGNATURE = "__saved_model_init_op"
+# tensorflow.error.Code numbers -> canonical names (the gRPC status codes).
+_CODE_NAMES = (
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+)
+# Eager op errors carry "{{function_node ...}} " and " [Op:Name] name: " around the real text.
+_OP_NOISE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", re.DOTALL)
+
+SignatureDefMap = get_model_metadata_pb2.SignatureDefMap
+
+
+class LoadError(ServingError):
+    """A version that cannot be loaded or warmed up; `code` is the status TF Serving reports."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, code: str = "INTERNAL"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One signature input or output as the SignatureDef describes it."""
+
+    key: str
+    dtype: np.dtype
+    dtype_enum: int  # tensorflow.core.framework.types_pb2.DataType
+    shape: tuple[int | None, ...] | None  # None: unknown rank; None entries: unknown dims
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """A servable signature: its key, method name, inputs and outputs."""
+
+    key: str
+    method_name: str
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+
+
+def dtype_name(dtype_enum: int) -> str:
+    """TensorFlow's short name of a DataType ("float", "int64", "string"), as its messages use."""
+    try:
+        return types_pb2.DataType.Name(dtype_enum).removeprefix("DT_").lower()
+    except ValueError:
+        return f"<unknown dtype {dtype_enum}>"
+
+
+def _numpy_dtype(dtype_enum: int) -> np.dtype:
+    if dtype_enum == types_pb2.DT_STRING:
+        return np.dtype(object)
+    try:
+        return np.dtype(tf.dtypes.as_dtype(dtype_enum).as_numpy_dtype)
+    except TypeError:
+        return np.dtype(object)
+
+
+def _tensor_info(key: str, info: meta_graph_pb2.TensorInfo) -> TensorInfo:
+    proto_shape = info.tensor_shape
+    shape = (
+        None
+        if proto_shape.unknown_rank
+        else tuple(dim.size if dim.size >= 0 else None for dim in proto_shape.dim)
+    )
+    return TensorInfo(key, _numpy_dtype(info.dtype), int(info.dtype), shape)
+
+
+def _signature_info(key: str, signature: meta_graph_pb2.SignatureDef) -> SignatureInfo:
+    return SignatureInfo(
+        key=key,
+        method_name=signature.method_name,
+        inputs={k: _tensor_info(k, v) for k, v in sorted(signature.inputs.items())},
+        outputs={k: _tensor_info(k, v) for k, v in sorted(signature.outputs.items())},
+    )
+
+
+def _format_shape(shape: Sequence[int | None]) -> str:
+    return "[" + ",".join("-1" if dim is None else str(dim) for dim in shape) + "]"
+
+
+def _given_dtype_enum(array: np.ndarray) -> int:
+    if array.dtype.kind in "OSU":
+        return types_pb2.DT_STRING
+    try:
+        return tf.dtypes.as_dtype(array.dtype).as_datatype_enum
+    except TypeError:
+        return types_pb2.DT_INVALID
+
+
+def _error_from_op(exc: tf.errors.OpError) -> ServingError:
+    code = _CODE_NAMES[exc.error_code] if 0 <= exc.error_code < len(_CODE_NAMES) else "UNKNOWN"
+    return error_for_code(code, _OP_NOISE.sub("", exc.message).strip())
+
+
+class LoadedVersion:
+    """A loaded version of a model, ready to validate and run requests."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        loaded,
+        meta_graph: meta_graph_pb2.MetaGraphDef,
+    ):
+        self.name = name
+        self.version = version
+        self.path = Path(path)
+        self._loaded = loaded
+        self._signature_defs = dict(meta_graph.signature_def)
+        callable_keys = set(loaded.signatures.keys())
+        self.signatures: dict[str, SignatureInfo] = {
+            key: _signature_info(key, signature)
+            for key, signature in sorted(self._signature_defs.items())
+            if key in callable_keys
+        }
+
+    def __repr__(self) -> str:
+        return f"LoadedVersion({self.name!r}, {self.version}, {str(self.path)!r})"
+
+    def signature_def_map(self) -> SignatureDefMap:
+        """Every SignatureDef of the MetaGraphDef, as TF Serving's GetModelMetadata returns it."""
+        result = SignatureDefMap()
+        for key, signature in self._signature_defs.items():
+            result.signature_def[key].CopyFrom(signature)
+        return result
+
+    def signature(self, key: str) -> SignatureInfo:
+        """The signature `key` ("" is serving_default); FailedPrecondition if there is none."""
+        key = key or DEFAULT_SIGNATURE
+        try:
+            return self.signatures[key]
+        except KeyError:
+            raise FailedPrecondition(f'Serving signature key "{key}" not found.') from None
+
+    def validate(
+        self, key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
+    ) -> SignatureInfo:
+        """The signature, after checking the request against it (InvalidArgument if it fails).
+
+        Checks, in TF Serving's order: the input keys, then each input's dtype and shape (TF
+        Serving leaves shapes to the kernel; checking first keeps bad requests out of TF), the
+        shared batch dimension, and the output_filter aliases.
+        """
+        signature = self.signature(key)
+        _check_input_keys(signature, inputs)
+        arrays = {alias: np.asarray(value) for alias, value in inputs.items()}
+        for alias in sorted(arrays):
+            _check_dtype(signature.inputs[alias], arrays[alias])
+            _check_shape(signature.inputs[alias], arrays[alias])
+        _check_batch(signature, arrays)
+        _check_output_filter(signature, output_filter)
+        return signature
+
+    def run(
+        self, key: str, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Validate, run the signature and return its outputs (only `output_filter` if given)."""
+        arrays = {alias: np.asarray(value) for alias, value in inputs.items()}
+        signature = self.validate(key, arrays, output_filter)
+        tensors = {}
+        for alias, value in arrays.items():
+            try:
+                tensors[alias] = tf.constant(value)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"tensor parsing error: {alias}") from exc
+        try:
+            outputs = self._loaded.signatures[signature.key](**tensors)
+        except tf.errors.OpError as exc:
+            raise _error_from_op(exc) from exc
+        wanted = list(output_filter) or list(signature.outputs)
+        return {alias: outputs[alias].numpy() for alias in wanted}
+
+    def warmup(self) -> int:
+        """Replay assets.extra/tf_serving_warmup_requests; the number of records (0 if none).
+
+        Like TF Serving: more than 1000 records fails (INVALID_ARGUMENT), an unreadable TFRecord
+        file fails (DATA_LOSS), and any request that fails fails the load with its status.
+        `predict_log` records run through `run`; records with no log are counted and skipped;
+        classify, regress, multi-inference and session-run logs are UNIMPLEMENTED here.
+        """
+        path = self.path / WARMUP_FILE
+        if not path.exists():
+            logger.info("No warmup data file found at %s", path)
+            return 0
+        records = _read_warmup_records(path)
+        for index, record in enumerate(records):
+            self._replay(path, index, record)
+        return len(records)
+
+    def _replay(self, path: Path, index: int, record: prediction_log_pb2.PredictionLog) -> None:
+        kind = record.WhichOneof("log_type")
+        if kind is None:
+            return
+        if kind != "predict_log":
+            raise LoadError(
+                f"{path}: record {index}: Unsupported log_type for warmup: {kind} (the embedded "
+                "server replays predict_log records only)",
+                code="UNIMPLEMENTED",
+            )
+        request = record.predict_log.request
+        try:
+            inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
+        except (TypeError, ValueError) as exc:
+            raise LoadError(
+                f"{path}: record {index}: tensor parsing error: {exc}", code="INVALID_ARGUMENT"
+            ) from exc
+        try:
+            self.run(request.model_spec.signature_name, inputs, list(request.output_filter))
+        except ServingError as exc:
+            raise LoadError(f"{path}: record {index}: {exc.message}", code=exc.code) from exc
+
+
+def _check_input_keys(signature: SignatureInfo, inputs: Mapping[str, np.ndarray]) -> None:
+    sent, expected = set(inputs), set(signature.inputs)
+    if len(sent) != len(expected):
+        raise InvalidArgument(
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{','.join(sorted(sent))}}}) != len({{{','.join(sorted(expected))}}}). "
+            f"Sent extra: {{{','.join(sorted(sent - expected))}}}. "
+            f"Missing but required: {{{','.join(sorted(expected - sent))}}}."
+        )
+    unknown = sorted(sent - expected)
+    if unknown:
+        raise InvalidArgument(
+            f"input tensor alias not found in signature: {unknown[0]}. "
+            f"Inputs expected to be in the set {{{','.join(sorted(expected))}}}."
+        )
+
+
+def _check_dtype(expected: TensorInfo, array: np.ndarray) -> None:
+    given = _given_dtype_enum(array)
+    if given != expected.dtype_enum:
+        raise InvalidArgument(
+            f'Expects input "{expected.key}" to be {dtype_name(expected.dtype_enum)} but '
+            f"{dtype_name(given)} is provided"
+        )
+
+
+def _check_shape(expected: TensorInfo, array: np.ndarray) -> None:
+    if expected.shape is None:
+        return
+    compatible = len(array.shape) == len(expected.shape) and all(
+        want is None or want == got for want, got in zip(expected.shape, array.shape, strict=True)
+    )
+    if not compatible:
+        raise InvalidArgument(
+            f'Input "{expected.key}" has shape {_format_shape(array.shape)}, which does not match '
+            f"the signature shape {_format_shape(expected.shape)}"
+        )
+
+
+def _check_batch(signature: SignatureInfo, arrays: Mapping[str, np.ndarray]) -> None:
+    # Inputs whose leading dimension is unknown in the signature are batched together.
+    batch = {
+        alias: array.shape[0]
+        for alias, array in sorted(arrays.items())
+        if (shape := signature.inputs[alias].shape) and shape[0] is None and array.ndim > 0
+    }
+    if len(set(batch.values())) > 1:
+        sizes = ", ".join(f'"{alias}" has {size}' for alias, size in batch.items())
+        raise InvalidArgument(
+            f"Inputs of one request must have the same batch size (dimension 0): {sizes}"
+        )
+
+
+def _check_output_filter(signature: SignatureInfo, output_filter: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for alias in output_filter:
+        if alias not in signature.outputs:
+            raise InvalidArgument(
+                f"output tensor alias not found in signature: {alias} Outputs expected to be in "
+                f"the set {{{','.join(sorted(signature.outputs))}}}."
+            )
+        if alias in seen:
+            raise InvalidArgument(f"duplicate output tensor alias: {alias}")
+        seen.add(alias)
+
+
+def _read_warmup_records(path: Path) -> list[prediction_log_pb2.PredictionLog]:
+    """Parse up to MAX_WARMUP_RECORDS records; LoadError beyond that or on a corrupt file."""
+    records = []
+    try:
+        for index, serialized in enumerate(tf.data.TFRecordDataset(str(path)).as_numpy_iterator()):
+            if index >= MAX_WARMUP_RECORDS:
+                raise LoadError(
+                    "Number of warmup records exceeds the maximum "
+                    f"({MAX_WARMUP_RECORDS}) at {path}",
+                    code="INVALID_ARGUMENT",
+                )
+            try:
+                records.append(prediction_log_pb2.PredictionLog.FromString(serialized))
+            except protobuf_message.DecodeError as exc:
+                raise LoadError(
+                    f"Failed to parse warmup record {index} from {path}", code="INVALID_ARGUMENT"
+                ) from exc
+    except tf.errors.DataLossError as exc:
+        message = _OP_NOISE.sub("", exc.message).strip()
+        raise LoadError(
+            f"{path}: {message}. Please verify your warmup data is in TFRecord format.",
+            code="DATA_LOSS",
+        ) from exc
+    except tf.errors.OpError as exc:
+        error = _error_from_op(exc)
+        raise LoadError(f"{path}: {error.message}", code=error.code) from exc
+    return records
+
+
+def _read_saved_model_proto(path: Path) -> saved_model_pb2.SavedModel:
+    """The SavedModel proto, with the status TF's C++ loader reports when it cannot be read."""
+    proto = saved_model_pb2.SavedModel()
+    binary, text = path / "saved_model.pb", path / "saved_model.pbtxt"
+    try:
+        if binary.is_file():
+            proto.ParseFromString(binary.read_bytes())
+        elif text.is_file():
+            text_format.Parse(text.read_text(encoding="utf-8"), proto)
+        else:
+            raise LoadError(
+                "Could not find SavedModel .pb or .pbtxt at supplied export directory path: "
+                f"{path}. Check that the directory exists and that you have the right "
+                "permissions for accessing it.",
+                code="NOT_FOUND",
+            )
+    except (protobuf_message.DecodeError, text_format.ParseError, UnicodeDecodeError) as exc:
+        source = binary if binary.is_file() else text
+        raise LoadError(f"Can't parse {source} as binary proto", code="DATA_LOSS") from exc
+    except OSError as exc:
+        raise LoadError(f"Cannot read the SavedModel at {path}: {exc}", code="UNKNOWN") from exc
+    return proto
+
+
+def _serve_meta_graph(proto: saved_model_pb2.SavedModel, path: Path):
+    for meta_graph in proto.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return meta_graph
+    raise LoadError(
+        f"Could not find meta graph def matching supplied tags: {{ {SERVE_TAG} }} in {path}. "
+        "To inspect available tag-sets in the SavedModel, please use the SavedModel CLI: "
+        "`saved_model_cli`",
+        code="NOT_FOUND",
+    )
+
+
+def load_version(name: str, version: int, path: Path) -> LoadedVersion:
+    """Load the SavedModel (tag serve) at `path` as version `version` of `name`.
+
+    Raises LoadError with the code TF Serving reports for the same failure: NOT_FOUND for a
+    missing saved_model.pb or serve tag, DATA_LOSS for an unparsable one, the TensorFlow
+    status code for a failing restore, INTERNAL otherwise.
+    """
+    path = Path(path)
+    meta_graph = _serve_meta_graph(_read_saved_model_proto(path), path)
+    try:
+        loaded = tf.saved_model.load(str(path), tags=[SERVE_TAG])
+    except Exception as exc:
+        raise _load_failure(exc, path) from exc
+    return LoadedVersion(name, version, path, loaded, meta_graph)
+
+
+def _load_failure(exc: Exception, path: Path) -> LoadError:
+    """LoadError with the status code of the TensorFlow error behind `exc`, if there is one."""
+    # tf.saved_model.load re-raises some op errors as Python ones (NotFoundError as
+    # FileNotFoundError); the op error in the chain carries the code TF Serving would report.
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, tf.errors.OpError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, tf.errors.OpError):
+        message = _error_from_op(exc).message
+    else:
+        message = " ".join(str(exc).split())
+    code = _error_from_op(cause).code if cause is not None else "INTERNAL"
+    return LoadError(f"Loading {path} failed: {message}", code=code)

@@ -1,0 +1,224 @@
+"""The embedded TF-Serving-compatible server: model manager + gRPC (grpc.aio) + REST (aiohttp)
+on one event loop, config-file polling, a model-aware health service, graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+from serving.batching import BatchingParameters
+from serving.grpc_api import ModelServicer, PredictionServicer
+from serving.inference import InferenceService
+from serving.manager import ModelManager
+from serving.metrics import MonitoringConfig, ServingMetrics
+from serving.model_config import ModelConfigError, load_model_config
+from serving.rest_api import RestApi
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TlsOptions:
+    """PEM files; `client_ca` set means clients must present a certificate it signed (mTLS)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        pair = (self.key.read_bytes(), self.cert.read_bytes())
+        root = self.client_ca.read_bytes() if self.client_ca else None
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=root, require_client_auth=root is not None
+        )
+
+
+@dataclass
+class ServerOptions:
+    model_config: object  # ModelServerConfig
+    host: str = "0.0.0.0"
+    port: int = 8500
+    rest_port: int = 8501  # 0 disables REST, as in TF Serving
+    model_config_file: Path | None = None
+    model_config_file_poll_wait_seconds: float = 0.0
+    file_system_poll_wait_seconds: float = 1.0
+    batching: BatchingParameters | None = None
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    allow_version_labels_for_unavailable_models: bool = False
+    max_num_load_retries: int = 5
+    load_retry_interval_seconds: float = 1.0
+    grpc_max_message_bytes: int = 256 * 1024 * 1024
+    max_concurrent_requests: int = 1024
+    request_threads: int = 4
+    rest_timeout_seconds: float = 30.0
+    shutdown_grace_seconds: float = 10.0
+    tls: TlsOptions | None = None
+
+
+class EmbeddedServer:
+    """Start with `await start()`, stop with `await stop()`; `run()` does both around signals."""
+
+    def __init__(self, options: ServerOptions) -> None:
+        self.options = options
+        self.metrics = ServingMetrics()
+        self.manager = ModelManager(
+            options.model_config,
+            file_system_poll_wait_seconds=options.file_system_poll_wait_seconds,
+            max_num_load_retries=options.max_num_load_retries,
+            load_retry_interval_seconds=options.load_retry_interval_seconds,
+            allow_version_labels_for_unavailable_models=(
+                options.allow_version_labels_for_unavailable_models
+            ),
+        )
+        self.service = InferenceService(
+            self.manager,
+            self.metrics,
+            batching=options.batching,
+            request_threads=options.request_threads,
+            max_concurrent_requests=options.max_concurrent_requests,
+        )
+        self._health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._rest: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._config_digest = _digest(options.model_config_file)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # TF Serving opens its ports only after the initial models have loaded (or failed).
+        await loop.run_in_executor(None, self.manager.start)
+        await self._start_grpc()
+        if self.options.rest_port:
+            await self._start_rest()
+        await self._update_health()
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
+            self._tasks.append(asyncio.create_task(self._config_poll_loop()))
+
+    async def _start_grpc(self) -> None:
+        size = self.options.grpc_max_message_bytes
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=self.options.max_concurrent_requests,
+        )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.service), self._grpc
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.service), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls:
+            self._grpc.add_secure_port(address, self.options.tls.credentials())
+        else:
+            self._grpc.add_insecure_port(address)
+        await self._grpc.start()
+        log.info("Running gRPC ModelServer at %s%s", address, " (TLS)" if self.options.tls else "")
+
+    async def _start_rest(self) -> None:
+        api = RestApi(
+            self.service,
+            self.metrics,
+            self.options.monitoring,
+            self.manager.all_models_available,
+            timeout_seconds=self.options.rest_timeout_seconds,
+            max_body_bytes=self.options.grpc_max_message_bytes,
+        )
+        self._rest = web.AppRunner(
+            api.application(),
+            access_log=None,
+            shutdown_timeout=self.options.shutdown_grace_seconds,
+        )
+        await self._rest.setup()
+        site = web.TCPSite(self._rest, self.options.host, self.options.rest_port, reuse_port=False)
+        await site.start()
+        log.info("Exporting HTTP/REST API at %s:%d", self.options.host, self.options.rest_port)
+
+    async def _update_health(self) -> None:
+        """SERVING only while every configured model has an AVAILABLE version; each model is
+        also a service name of its own."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._health.set("", serving if self.manager.all_models_available() else not_serving)
+        for name in self.manager.model_names():
+            statuses = self.manager.model_status(name)
+            available = any(s.state.name == "AVAILABLE" for s in statuses)
+            await self._health.set(name, serving if available else not_serving)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                await self._update_health()
+            except Exception:
+                log.exception("health update failed")
+
+    async def _config_poll_loop(self) -> None:
+        path = self.options.model_config_file
+        while True:
+            await asyncio.sleep(self.options.model_config_file_poll_wait_seconds)
+            digest = _digest(path)
+            if digest == self._config_digest:
+                continue
+            self._config_digest = digest
+            try:
+                config = load_model_config(path)
+                log.info("%s changed: reloading the model config", path)
+                await self.service.reload_config(config)
+            except (ModelConfigError, OSError) as exc:
+                log.error("%s: not reloaded, keeping the previous config: %s", path, exc)
+            except Exception as exc:  # e.g. a label on an unavailable version
+                log.error("%s: reload failed, keeping the previous config: %s", path, exc)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then unload the models."""
+        log.info("shutting down: draining in-flight requests")
+        await self._health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        grace = self.options.shutdown_grace_seconds
+        waits = []
+        if self._grpc is not None:
+            waits.append(self._grpc.stop(grace))
+        if self._rest is not None:
+            waits.append(self._rest.cleanup())
+        await asyncio.gather(*waits, return_exceptions=True)
+        await self.service.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.manager.stop)
+        log.info("server stopped")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit code."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.start()
+        print(f"convstack serve: ready (gRPC {self.options.port}, REST {self.options.rest_port})",
+              flush=True)  # fmt: skip
+        await stop.wait()
+        await self.stop()
+        return 0
+
+
+def _digest(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None

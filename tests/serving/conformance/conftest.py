@@ -1,0 +1,201 @@
+"""Conformance fixtures: a real server process on free loopback ports, serving versions that
+the trainer exported, driven only through raw tensorflow_serving.apis stubs and plain HTTP.
+
+Every server fixture is parametrised over backends: the embedded server always, and the real
+`tensorflow_model_server` when CONVSTACK_TFSERVING_BINARY points at one (skipped otherwise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2_grpc,
+)
+
+from tests.trainer import export_helpers
+
+BINARY_ENV = "CONVSTACK_TFSERVING_BINARY"
+MODEL = "tiny"
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def exported_version(tmp_path_factory) -> Path:
+    """One tiny version exported by the trainer (signatures, warmup records, model card)."""
+    from trainer.export import export_version
+
+    base = tmp_path_factory.mktemp("exported")
+    result = export_version(export_helpers.trained_model(), **export_helpers.export_kwargs(base))
+    return result.path
+
+
+def make_repository(root: Path, source: Path, versions: list[int]) -> Path:
+    """<root>/tiny/<v> for each version, copies of one export (the served version is told apart
+    by the response's model_spec.version)."""
+    model_dir = root / MODEL
+    for version in versions:
+        shutil.copytree(source, model_dir / str(version))
+    return model_dir
+
+
+def write_config(path: Path, models: list[tuple[str, Path]], extra: str = "") -> Path:
+    """A models.config; `extra` is inserted into the first model's block (policy, labels)."""
+    blocks = []
+    for index, (name, base_path) in enumerate(models):
+        body = f'name: "{name}" base_path: "{base_path}" model_platform: "tensorflow" '
+        blocks.append(f"config {{ {body}{extra if index == 0 else ''} }}")
+    path.write_text("model_config_list {\n  " + "\n  ".join(blocks) + "\n}\n")
+    return path
+
+
+@dataclass
+class Server:
+    backend: str
+    process: subprocess.Popen
+    grpc_port: int
+    rest_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def prediction(self):
+        return prediction_service_pb2_grpc.PredictionServiceStub(self.channel())
+
+    def models(self):
+        return model_service_pb2_grpc.ModelServiceStub(self.channel())
+
+    def rest(self, method: str, path: str, body=None, timeout: float = 30):
+        """(status, parsed JSON or text) of a plain HTTP request."""
+        data = (
+            None
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, text = response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            status, text = error.code, error.read().decode()
+        try:
+            return status, json.loads(text)
+        except ValueError:
+            return status, text
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def wait_available(self, name: str = MODEL, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        stub = self.models()
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}:\n{self.log()}")
+            request = get_model_status_pb2.GetModelStatusRequest()
+            request.model_spec.name = name
+            try:
+                reply = stub.GetModelStatus(request, timeout=2)
+                if any(s.state == 30 for s in reply.model_version_status):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"{name} never became AVAILABLE:\n{self.log()}")
+
+
+def _command(backend: str, grpc_port: int, rest_port: int, flags: list[str]) -> list[str]:
+    common = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", *flags]
+    if backend == "tfserving":
+        return [os.environ[BINARY_ENV], *common]
+    return [
+        sys.executable,
+        "-m",
+        "convstack.cli",
+        "serve",
+        "--backend=embedded",
+        "--host=127.0.0.1",
+        *common,
+    ]
+
+
+@pytest.fixture(params=["embedded", "tfserving"])
+def backend(request) -> str:
+    if request.param == "tfserving" and not os.environ.get(BINARY_ENV):
+        pytest.skip(f"real TF Serving not available: set {BINARY_ENV} to a tensorflow_model_server")
+    return request.param
+
+
+@pytest.fixture
+def start_server(tmp_path, backend):
+    """start_server(flags, wait_for=MODEL) -> Server; every server is stopped afterwards."""
+    started: list[Server] = []
+
+    def start(flags: list[str], wait_for: str | None = MODEL) -> Server:
+        grpc_port, rest_port = free_ports(2)
+        log_path = tmp_path / f"server-{len(started)}.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                _command(backend, grpc_port, rest_port, flags),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            )
+        server = Server(backend, process, grpc_port, rest_port, log_path)
+        started.append(server)
+        if wait_for:
+            server.wait_available(wait_for)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def monitoring_file(tmp_path) -> Path:
+    path = tmp_path / "monitoring.config"
+    path.write_text(
+        'prometheus_config {\n  enable: true,\n  path: "/monitoring/prometheus/metrics"\n}\n'
+    )
+    return path

@@ -1,0 +1,74 @@
+"""Command lines for the real TF Serving, and backend choice."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from serving import launcher
+from serving.cli import UsageError, choose_backend
+
+
+def flags(**overrides) -> launcher.TfServingFlags:
+    values = dict(port=8500, rest_api_port=8501, model_config_file=Path("/cfg/models.config"))
+    values.update(overrides)
+    return launcher.TfServingFlags(**values)
+
+
+def test_binary_command_forwards_tf_serving_flags():
+    command = launcher.binary_command(
+        "/usr/bin/tensorflow_model_server",
+        flags(
+            enable_batching=True,
+            batching_parameters_file=Path("/cfg/batching.config"),
+            monitoring_config_file=Path("/cfg/monitoring.config"),
+            allow_version_labels_for_unavailable_models=True,
+            model_config_file_poll_wait_seconds=30,
+        ),
+    )
+    assert command[0] == "/usr/bin/tensorflow_model_server"
+    assert "--model_config_file=/cfg/models.config" in command
+    assert "--model_config_file_poll_wait_seconds=30" in command
+    assert "--enable_batching=true" in command
+    assert "--batching_parameters_file=/cfg/batching.config" in command
+    assert "--monitoring_config_file=/cfg/monitoring.config" in command
+    assert "--allow_version_labels_for_unavailable_models=true" in command
+    assert "--port=8500" in command and "--rest_api_port=8501" in command
+
+
+def test_docker_command_mounts_paths_read_only_at_the_same_place(tmp_path):
+    command = launcher.docker_command(flags(), [tmp_path, tmp_path / "models"])
+    assert command[:3] == ["docker", "run", "--rm"]
+    assert f"{tmp_path.resolve()}:{tmp_path.resolve()}:ro" in command
+    image_index = command.index(launcher.TFSERVING_IMAGE)
+    assert ":latest" not in launcher.TFSERVING_IMAGE
+    assert command[image_index - 1] == launcher.BINARY_NAME
+    assert "--port=8500" in command[image_index:]
+
+
+def test_backend_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # neither binary nor docker on PATH
+    monkeypatch.delenv(launcher.BINARY_ENV, raising=False)
+    assert choose_backend("auto") == ("embedded", None)
+    assert choose_backend("embedded") == ("embedded", None)
+    with pytest.raises(UsageError, match="no tensorflow_model_server"):
+        choose_backend("tfserving")
+    binary = tmp_path / "tensorflow_model_server"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert choose_backend("auto") == ("tfserving", str(binary))
+    assert choose_backend("embedded") == ("embedded", None)
+
+
+def test_docker_client_without_engine_is_not_a_backend(monkeypatch, tmp_path):
+    fake_docker = tmp_path / "docker"
+    fake_docker.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon' >&2\nexit 1\n")
+    fake_docker.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + "/usr/bin:/bin")
+    monkeypatch.delenv(launcher.BINARY_ENV, raising=False)
+    if launcher.find_binary():
+        pytest.skip("a real tensorflow_model_server is installed here")
+    assert launcher.docker_engine_answers() is False
+    assert choose_backend("auto") == ("embedded", None)

@@ -1,0 +1,64 @@
+"""Metrics exposition under TF Serving's names, and the monitoring config file."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.metrics import (
+    DEFAULT_METRICS_PATH,
+    MonitoringConfigError,
+    ServingMetrics,
+    parse_monitoring_config,
+)
+
+
+def test_counters_have_tf_serving_names_without_total_suffix():
+    metrics = ServingMetrics()
+    metrics.record_request("digits", "predict", "GRPC", "OK", 0.002)
+    metrics.record_request("digits", "predict", "REST", "OK", 0.001)
+    metrics.record_request('we"ird', "predict", "GRPC", "NOT_FOUND", 0.001)
+    text = metrics.render()[0].decode()
+    assert "# TYPE :tensorflow:serving:request_count counter" in text
+    assert ':tensorflow:serving:request_count{model_name="digits",status="OK"} 2.0' in text
+    assert r':tensorflow:serving:request_count{model_name="we\"ird",status="NOT_FOUND"} 1.0' in text
+    assert "request_count_total" not in text
+    # Latency in microseconds: 2 ms lands above the 1000 us bucket boundary.
+    assert ':tensorflow:serving:request_latency_count{API="predict",entrypoint="GRPC",' in text
+
+
+def test_batch_metrics():
+    metrics = ServingMetrics()
+    metrics.record_batch("digits", size=5, padded_size=8, queue_delays=[0.001, 0.002])
+    text = metrics.render()[0].decode()
+    assert ":tensorflow:serving:batching_session:wrapped_run_count 1.0" in text
+    assert 'processed_batch_size_sum{model_name="digits",op_name="predict"} 8.0' in text
+    assert 'input_batch_size_sum{model_name="digits",op_name="predict"} 5.0' in text
+    assert 'queuing_latency_count{thread_pool_name="batch_threads"} 2.0' in text
+
+
+@pytest.mark.parametrize(
+    ("text", "enable", "path"),
+    [
+        ("", False, DEFAULT_METRICS_PATH),
+        ('prometheus_config {\n  enable: true,\n  path: "/metrics"\n}\n', True, "/metrics"),
+        ("prometheus_config { enable: true }  # comment", True, DEFAULT_METRICS_PATH),
+        ('prometheus_config: { enable: false path: "/m" }', False, "/m"),
+    ],
+)
+def test_monitoring_config(text, enable, path):
+    config = parse_monitoring_config(text)
+    assert (config.enable, config.path) == (enable, path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "prometheus_config { enable: maybe }",
+        "prometheus_config { colour: true }",
+        'prometheus_config { path: "no-slash" }',
+        "something_else { }",
+    ],
+)
+def test_bad_monitoring_config_names_the_file(text):
+    with pytest.raises(MonitoringConfigError, match=r"mon\.config"):
+        parse_monitoring_config(text, "mon.config")
