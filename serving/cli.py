@@ -307,6 +307,9 @@ def serve_main(argv: list[str]) -> int:
     except ServingError as exc:  # e.g. the initial models failed to load
         print(f"convstack serve: error: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a port already in use
+        print(f"convstack serve: error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _exec_tfserving(args, where: str) -> int:

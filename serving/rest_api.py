@@ -81,6 +81,8 @@ class RestApi:
             raise InvalidArgument(f"Malformed request: {request.method} {path}")
         except ServingError as error:
             return error_response(error)
+        except web.HTTPRequestEntityTooLarge as exc:
+            return web.json_response({"error": f"Request body too large: {exc.text}"}, status=413)
         except Exception as exc:  # a request never takes the server down
             log.exception("REST %s %s failed", request.method, path)
             return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)

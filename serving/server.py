@@ -122,10 +122,15 @@ class EmbeddedServer:
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{self.options.host}:{self.options.port}"
-        if self.options.tls:
-            self._grpc.add_secure_port(address, self.options.tls.credentials())
-        else:
-            self._grpc.add_insecure_port(address)
+        try:
+            if self.options.tls:
+                bound = self._grpc.add_secure_port(address, self.options.tls.credentials())
+            else:
+                bound = self._grpc.add_insecure_port(address)
+        except RuntimeError as exc:  # grpc raises when the address cannot be bound
+            raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
+        if bound == 0:
+            raise OSError(f"cannot listen for gRPC on {address}")
         await self._grpc.start()
         log.info("Running gRPC ModelServer at %s%s", address, " (TLS)" if self.options.tls else "")
 
@@ -207,9 +212,13 @@ class EmbeddedServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await self.start()
-        print(f"convstack serve: ready (gRPC {self.options.port}, REST {self.options.rest_port})",
-              flush=True)  # fmt: skip
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()  # release what did start (loaded models, a bound port)
+            raise
+        rest = self.options.rest_port or "off"
+        print(f"convstack serve: ready (gRPC {self.options.port}, REST {rest})", flush=True)
         await stop.wait()
         await self.stop()
         return 0

@@ -1,0 +1,187 @@
+"""`convstack models-config` and `convstack serve` flag handling and start-up errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from serving.cli import build_serve_parser, models_config_main
+from serving.model_config import load_model_config
+
+
+def test_models_config_add_edit_remove(tmp_path, capsys):
+    config = tmp_path / "models.config"
+    base = tmp_path / "models" / "digits"
+    assert (
+        models_config_main(
+            [
+                "add",
+                "--config",
+                str(config),
+                "--name",
+                "digits",
+                "--base-path",
+                str(base),
+                "--latest",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        models_config_main(
+            ["set-policy", "--config", str(config), "--name", "digits", "--specific", "1,2"]
+        )
+        == 0
+    )
+    assert (
+        models_config_main(
+            ["set-labels", "--config", str(config), "--name", "digits", "stable=1", "canary=2"]
+        )
+        == 0
+    )
+    parsed = load_model_config(config).model_config_list.config[0]
+    assert parsed.name == "digits" and parsed.base_path == str(base.resolve())
+    assert list(parsed.model_version_policy.specific.versions) == [1, 2]
+    assert dict(parsed.version_labels) == {"stable": 1, "canary": 2}
+
+    capsys.readouterr()
+    assert models_config_main(["show", "--config", str(config)]) == 0
+    assert 'name: "digits"' in capsys.readouterr().out
+
+    assert (
+        models_config_main(
+            [
+                "add",
+                "--config",
+                str(config),
+                "--name",
+                "other",
+                "--base-path",
+                str(tmp_path / "other"),
+                "--all",
+            ]
+        )
+        == 0
+    )
+    assert models_config_main(["remove", "--config", str(config), "--name", "digits"]) == 0
+    assert [m.name for m in load_model_config(config).model_config_list.config] == ["other"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["remove", "--name", "nope"], "nope"),
+        (["set-labels", "--name", "other", "stable"], "LABEL=VERSION"),
+        (["set-policy", "--name", "other", "--specific", "one"], "--specific"),
+        (["add", "--name", "other", "--base-path", "/x"], "other"),
+    ],
+)
+def test_models_config_errors_are_one_line_and_leave_the_file_alone(
+    tmp_path, capsys, argv, expected
+):
+    config = tmp_path / "models.config"
+    assert (
+        models_config_main(
+            ["add", "--config", str(config), "--name", "other", "--base-path", str(tmp_path / "o")]
+        )
+        == 0
+    )
+    before = config.read_text()
+    capsys.readouterr()
+    assert models_config_main([*argv, "--config", str(config)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("convstack models-config: error:") and expected in error
+    assert "\n" not in error
+    assert config.read_text() == before
+
+
+def test_missing_config_file_for_edit_is_an_error(tmp_path, capsys):
+    code = models_config_main(
+        ["set-policy", "--config", str(tmp_path / "nope.config"), "--name", "x", "--all"]
+    )
+    assert code == 2
+    assert "nope.config" in capsys.readouterr().err
+
+
+def test_flags_accept_tf_serving_spellings_with_dashes_or_underscores():
+    parser = build_serve_parser()
+    a = parser.parse_args(
+        ["--model_config_file=/m.config", "--rest_api_port=0", "--file_system_poll_wait_seconds=2"]
+    )
+    b = parser.parse_args(
+        ["--model-config", "/m.config", "--rest-port", "0", "--file-system-poll-wait-seconds", "2"]
+    )
+    assert vars(a) == vars(b)
+    assert (a.model_config_file, a.rest_api_port, a.file_system_poll_wait_seconds) == (
+        "/m.config",
+        0,
+        2.0,
+    )
+
+
+def serve(*args: str, timeout: float = 120):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convstack.cli",
+            "serve",
+            "--backend=embedded",
+            "--host=127.0.0.1",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("convstack serve: error:")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("content", "flag", "expected", "code"),
+    [
+        ("model_config_list { config { name: 'x' ", "--model_config_file", "bad.config", 2),
+        ("max_batch_size { value: -1 }", "--batching_parameters_file", "bad.config", 2),
+        ("prometheus_config { colour: 1 }", "--monitoring_config_file", "bad.config", 2),
+    ],
+)
+def test_bad_files_exit_2_with_one_line(tmp_path, content, flag, expected, code):
+    path = tmp_path / "bad.config"
+    path.write_text(content)
+    extra = (
+        [] if flag == "--model_config_file" else ["--model_name=m", f"--model_base_path={tmp_path}"]
+    )
+    result = serve(f"{flag}={path}", *extra)
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_port_in_use_is_one_clear_error(tmp_path):
+    from tests.serving.conformance.conftest import free_ports
+
+    (rest_port,) = free_ports(1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(
+            f"--port={port}",
+            f"--rest_api_port={rest_port}",
+            "--model_name=m",
+            f"--model_base_path={tmp_path}",
+        )
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr[-2000:]
