@@ -7,7 +7,7 @@ CONVSTACK := $(BIN)/convstack
 DEMO_DIR := build/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo train test lint format bench bench-train clean
+.PHONY: setup demo train serve test lint format bench bench-train bench-serve clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -18,15 +18,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	cp pyproject.toml $(STAMP)
 
-# The main job: train on the bundled digits with 2 replicas and export version 1.
+# The main job: train on the bundled digits with 2 replicas, export version 1, serve it with
+# the embedded server and predict through gRPC and REST.
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
 		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits
+	$(BIN)/python -m convstack.demo --model-base $(DEMO_DIR)/models --model-name digits
 
 train: setup
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
 		--model-base models --model-name digits --run-dir runs/digits
+
+serve: setup
+	$(CONVSTACK) serve --model_base models --model_name digits
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -39,10 +44,15 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-train
+bench: bench-train bench-serve
 
 bench-train: setup
 	$(CONVSTACK) bench train --out bench-results/train.json
+
+# Needs an exported model: run `make demo` first.
+bench-serve: setup
+	$(CONVSTACK) bench serve --model-base $(DEMO_DIR)/models --model-name digits \
+		--out bench-results/serve.json
 
 clean:
 	rm -rf build bench-results

@@ -1,0 +1,117 @@
+"""The serving half of `make demo`: start the embedded server on the exported model, send real
+test images through gRPC and REST, print predictions and accuracy, stop the server cleanly.
+
+Run after `convstack train` has exported a version: `python -m convstack.demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(model_base: Path, model_name: str, grpc_port: int, rest_port: int):
+    command = [
+        sys.executable,
+        "-m",
+        "convstack.cli",
+        "serve",
+        "--backend=embedded",
+        "--host=127.0.0.1",
+        f"--port={grpc_port}",
+        f"--rest_api_port={rest_port}",
+        f"--model_name={model_name}",
+        f"--model_base_path={model_base / model_name}",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    for line in process.stdout:  # the server prints one line once its ports are open
+        if line.startswith("convstack serve: ready"):
+            return process
+    raise SystemExit(f"convstack serve exited with status {process.wait()} before it was ready")
+
+
+def grpc_predictions(target: str, model_name: str, images: np.ndarray, batch: int = 64):
+    import grpc
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from client.tensors import to_ndarray, to_tensor_proto
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(target))
+    classes, version = [], None
+    for start in range(0, len(images), batch):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.inputs["images"].CopyFrom(to_tensor_proto(images[start : start + batch]))
+        reply = stub.Predict(request, timeout=30)
+        classes.append(to_ndarray(reply.outputs["classes"]))
+        version = reply.model_spec.version.value
+    return np.concatenate(classes), version
+
+
+def rest_predictions(port: int, model_name: str, images: np.ndarray) -> list[dict]:
+    body = json.dumps({"instances": images.tolist()}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/models/{model_name}:predict", data=body, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["predictions"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convstack.demo", description=__doc__)
+    parser.add_argument("--model-base", default="build/demo/models")
+    parser.add_argument("--model-name", default="digits")
+    args = parser.parse_args(argv)
+    from trainer.data import load_dataset
+
+    images, labels = load_dataset("digits").arrays("test")
+    grpc_port, rest_port = free_port(), free_port()
+    print(
+        f"\n== serving {args.model_base}/{args.model_name} on gRPC :{grpc_port}, REST :{rest_port}"
+    )
+    server = start_server(Path(args.model_base), args.model_name, grpc_port, rest_port)
+    try:
+        started = time.perf_counter()
+        predicted, version = grpc_predictions(f"127.0.0.1:{grpc_port}", args.model_name, images)
+        seconds = time.perf_counter() - started
+        accuracy = float(np.mean(predicted == labels))
+        print(
+            f"gRPC: {len(images)} test images, served by version {version} in {seconds:.2f}s: "
+            f"accuracy {accuracy:.4f}"
+        )
+        rows = rest_predictions(rest_port, args.model_name, images[:8])
+        print("REST: first 8 test images")
+        print("  label  predicted  probability")
+        for label, row in zip(labels[:8], rows, strict=True):
+            probability = max(row["probabilities"])
+            print(f"  {label:>5}  {row['classes']:>9}  {probability:>11.4f}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    print(f"server stopped with exit status {code}")
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
