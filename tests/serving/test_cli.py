@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from serving.cli import build_serve_parser, models_config_main
 from serving.model_config import load_model_config
+from tests.loopback import EMBEDDED_SERVE, free_ports
 
 
 def test_models_config_add_edit_remove(tmp_path, capsys):
@@ -126,15 +126,7 @@ def test_flags_accept_tf_serving_spellings_with_dashes_or_underscores():
 
 def serve(*args: str, timeout: float = 120):
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "convstack.cli",
-            "serve",
-            "--backend=embedded",
-            "--host=127.0.0.1",
-            *args,
-        ],
+        [*EMBEDDED_SERVE, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -169,8 +161,6 @@ def test_bad_files_exit_2_with_one_line(tmp_path, content, flag, expected, code)
 
 @pytest.mark.slow
 def test_a_port_in_use_is_one_clear_error(tmp_path):
-    from tests.serving.conformance.conftest import free_ports
-
     (rest_port,) = free_ports(1)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -141,16 +142,6 @@ def test_sigterm_checkpoints_and_exits_75_then_resume_ends_at_the_same_step(tmp_
     assert code == 0, stderr
     assert "already exported version 1" in stderr
     assert sorted(p.name for p in (tmp_path / "models" / "digits").iterdir()) == ["1"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def test_multi_worker_training_on_loopback_exports_exactly_one_version(tmp_path):

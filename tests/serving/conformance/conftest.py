@@ -10,9 +10,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,20 +25,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from tests.loopback import EMBEDDED_SERVE, free_ports
 from tests.trainer import export_helpers
 
 BINARY_ENV = "CONVSTACK_TFSERVING_BINARY"
 MODEL = "tiny"
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")
@@ -148,15 +137,7 @@ def _command(backend: str, grpc_port: int, rest_port: int, flags: list[str]) -> 
     common = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", *flags]
     if backend == "tfserving":
         return [os.environ[BINARY_ENV], *common]
-    return [
-        sys.executable,
-        "-m",
-        "convstack.cli",
-        "serve",
-        "--backend=embedded",
-        "--host=127.0.0.1",
-        *common,
-    ]
+    return [*EMBEDDED_SERVE, *common]
 
 
 @pytest.fixture(params=["embedded", "tfserving"])
