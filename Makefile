@@ -7,7 +7,7 @@ CONVSTACK := $(BIN)/convstack
 DEMO_DIR := build/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo train serve test lint format bench bench-train bench-serve clean
+.PHONY: setup demo train serve test lint format bench bench-train bench-serve k8s-render clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -53,6 +53,10 @@ bench-train: setup
 bench-serve: setup
 	$(CONVSTACK) bench serve --model-base $(DEMO_DIR)/models --model-name digits \
 		--out bench-results/serve.json
+
+# Render and validate every Kustomize overlay into build/k8s/OVERLAY.yaml.
+k8s-render: setup
+	$(BIN)/python -m convstack.k8s_render --all --out-dir build/k8s
 
 clean:
 	rm -rf build bench-results

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "serve": ("serving.cli", "serve_main", "serve models over TF Serving's gRPC and REST APIs"),
     "models-config": ("serving.cli", "models_config_main", "write or edit a models.config"),
     "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
+    "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
 }
 
 

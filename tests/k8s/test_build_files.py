@@ -1,0 +1,156 @@
+"""The trainer's container file and the kind CI workflow agree with the manifests and the
+project (no Docker engine or CI runner here: they are checked by reading them)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from convstack import k8s_render
+from tests.k8s.manifests import all_containers, by_kind, container, one, pod_spec
+
+ROOT = Path(k8s_render.__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "k8s" / "trainer.Dockerfile"
+DOCKERIGNORE = ROOT / "k8s" / "trainer.Dockerfile.dockerignore"
+WORKFLOW = ROOT / ".github" / "workflows" / "kind-e2e.yml"
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        current += line.rstrip()
+        if current.endswith("\\"):
+            current = current[:-1] + " "
+            continue
+        logical.append(current.strip())
+        current = ""
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in logical]
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[tuple[str, str]]:
+    return instructions(DOCKERFILE.read_text())
+
+
+def stages(parsed: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for instruction, arguments in parsed:
+        if instruction == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((instruction, arguments))
+    return result
+
+
+def base_images(parsed: list[tuple[str, str]]) -> list[str]:
+    """Each stage's FROM image with global ARG defaults substituted."""
+    defaults = {}
+    for instruction, arguments in parsed:
+        if instruction == "FROM":
+            break
+        if instruction == "ARG" and "=" in arguments:
+            name, value = arguments.split("=", 1)
+            defaults[name] = value
+    images = []
+    for instruction, arguments in parsed:
+        if instruction == "FROM":
+            image = arguments.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], image))
+    return images
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_base_image_is_a_pinned_tensorflow_release_matching_the_project(dockerfile):
+    pins = [d for d in pyproject()["project"]["dependencies"] if re.match(r"tensorflow\W", d)]
+    minor = re.search(r">=(\d+\.\d+)", pins[0]).group(1)
+    for image in base_images(dockerfile):
+        repository, _, tag = image.partition(":")
+        assert repository == "tensorflow/tensorflow"
+        assert re.fullmatch(rf"{re.escape(minor)}\.\d+", tag), f"{image} is not a {minor}.x release"
+
+
+def test_image_runs_as_the_non_root_user_the_pods_use(dockerfile, rendered):
+    users = [
+        arguments for instruction, arguments in stages(dockerfile)[-1] if instruction == "USER"
+    ]
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and gid.isdigit() and int(uid) != 0  # numeric: kubelet can verify it
+    for job in by_kind(rendered["local"], "Job") + by_kind(rendered["multiworker"], "Job"):
+        context = pod_spec(job)["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (int(uid), int(gid))
+        assert context["fsGroup"] == int(gid)
+
+
+def test_image_entrypoint_is_the_convstack_command(dockerfile):
+    entrypoints = [a for i, a in stages(dockerfile)[-1] if i == "ENTRYPOINT"]
+    assert json.loads(entrypoints[-1]) == ["convstack"]
+
+
+def test_image_installs_every_package_and_the_context_keeps_them(dockerfile):
+    packages = [
+        p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
+    ]
+    copied = {
+        source.rstrip("/")
+        for instruction, arguments in dockerfile
+        if instruction == "COPY" and not arguments.startswith("--from")
+        for source in arguments.split()[:-1]
+    }
+    needed = {*packages, "pyproject.toml", pyproject()["project"]["readme"]}
+    assert needed <= copied
+    kept = {
+        line[1:].rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.startswith("!")
+    }
+    assert copied <= kept, "the .dockerignore drops something the Dockerfile copies"
+
+
+def test_image_caches_point_at_the_writable_tmp(dockerfile):
+    environment = " ".join(a for i, a in stages(dockerfile)[-1] if i == "ENV")
+    for variable in ("KERAS_HOME", "MPLCONFIGDIR"):
+        assert re.search(rf"{variable}=/tmp/", environment), variable
+
+
+# --- the kind workflow -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def workflow_commands(workflow: dict) -> str:
+    return "\n".join(
+        step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]
+    )
+
+
+def test_workflow_runs_the_cluster_tests_on_the_pinned_kubernetes(workflow):
+    commands = workflow_commands(workflow)
+    assert "docker build -f k8s/trainer.Dockerfile" in commands
+    assert re.search(r"pytest tests/k8s/test_cluster\.py -m cluster", commands)
+    node_image = workflow["env"]["KIND_NODE_IMAGE"]
+    assert re.fullmatch(
+        rf"kindest/node:v{re.escape(k8s_render.KUBERNETES_VERSION)}\.\d+", node_image
+    )
+
+
+def test_workflow_loads_the_images_the_local_overlay_runs(workflow, rendered):
+    objects = rendered["local"]
+    serving_image = container(one(objects, "Deployment"), "tensorflow-serving")["image"]
+    trainer_images = {c["image"] for job in by_kind(objects, "Job") for c in all_containers(job)}
+    assert workflow["env"]["SERVING_IMAGE"] == serving_image
+    assert trainer_images == {workflow["env"]["TRAINER_IMAGE"]}
+    assert "kind load docker-image" in workflow_commands(workflow)

@@ -1,0 +1,307 @@
+"""End to end on a real cluster (kind in CI, see .github/workflows/kind-e2e.yml): the `local`
+overlay, rendered as `make k8s-render` renders it, trains a model as a Job, serves it with
+tensorflow/serving, answers Predict, then rolls a second version out through the ConfigMap.
+
+Run with `pytest -m cluster` and KUBECONFIG pointing at a cluster that can pull (or has loaded)
+the trainer image ($CONVSTACK_TRAINER_IMAGE, default the overlay's) and tensorflow/serving.
+Everything happens in a fresh namespace, deleted afterwards (unless CONVSTACK_E2E_KEEP=1).
+Without a reachable cluster the tests skip, saying why (they fail instead when
+CONVSTACK_REQUIRE_CLUSTER=1, as in CI).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from client.tensors import to_ndarray, to_tensor_proto
+from convstack import k8s_render
+from serving import model_config
+from tests.k8s.manifests import container, one
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+OVERLAY = "local"
+TRAINER_IMAGE_ENV = "CONVSTACK_TRAINER_IMAGE"
+KEEP_ENV = "CONVSTACK_E2E_KEEP"
+# Set in CI, where a missing cluster is a broken setup rather than a reason to skip.
+REQUIRE_ENV = "CONVSTACK_REQUIRE_CLUSTER"
+MODEL = "digits"
+SERVING_CONFIG = "convstack-serving-config"
+# Generous bounds for image pulls and CPU training on a CI runner; they stop a hung test, they
+# are not performance assertions.
+JOB_DEADLINE_S = 1800
+ROLLOUT_DEADLINE_S = 900
+# kubelet syncs ConfigMap volumes within about a minute, then TF Serving polls models.config.
+CONFIG_PROPAGATION_DEADLINE_S = 300
+SERVING_KINDS = {
+    "ConfigMap",
+    "Deployment",
+    "Service",
+    "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
+}
+
+
+def cluster_unavailable_reason() -> str | None:
+    if not os.environ.get("KUBECONFIG"):
+        return "KUBECONFIG is not set: the cluster tests need a Kubernetes cluster (e.g. kind)"
+    if shutil.which("kubectl") is None:
+        return "kubectl is not on PATH"
+    result = subprocess.run(
+        ["kubectl", "get", "--raw", "/readyz", "--request-timeout=10s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no answer"])[-1]
+        return f"the cluster of KUBECONFIG={os.environ['KUBECONFIG']} is not reachable: {reason}"
+    return None
+
+
+@dataclass
+class Cluster:
+    namespace: str
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        result = subprocess.run(
+            ["kubectl", "--namespace", self.namespace, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
+        return result.stdout
+
+    def apply(self, objects: list[dict]) -> None:
+        self.kubectl(
+            "apply",
+            "--server-side",
+            "--field-manager=convstack-e2e",
+            "-f",
+            "-",
+            stdin=yaml.safe_dump_all(objects),
+        )
+
+    def get(self, kind: str, name: str) -> dict:
+        return json.loads(self.kubectl("get", kind, name, "-o", "json"))
+
+    def diagnostics(self, selector: str) -> str:
+        pods = self.kubectl("get", "pods", "-l", selector, "-o", "wide", check=False)
+        logs = self.kubectl(
+            "logs", "-l", selector, "--all-containers", "--prefix", "--tail=100", check=False
+        )
+        return f"{pods}\n{logs}"
+
+
+@pytest.fixture(scope="module")
+def reachable_cluster() -> None:
+    """Skip (or, with CONVSTACK_REQUIRE_CLUSTER=1, fail) unless a cluster answers."""
+    reason = cluster_unavailable_reason()
+    if reason and os.environ.get(REQUIRE_ENV) == "1":
+        pytest.fail(f"{REQUIRE_ENV}=1 but {reason}")
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def objects(reachable_cluster) -> list[dict]:
+    """The local overlay, validated, with the trainer image the cluster has."""
+    rendered = k8s_render.render(OVERLAY)
+    k8s_render.validate(rendered)
+    image = os.environ.get(TRAINER_IMAGE_ENV)
+    if image:
+        for obj in rendered:
+            if obj["kind"] == "Job":
+                container(obj, "trainer")["image"] = image
+    return rendered
+
+
+@pytest.fixture(scope="module")
+def cluster(reachable_cluster, objects) -> Iterator[Cluster]:
+    """A fresh namespace with the overlay's claims; deleted afterwards."""
+    namespace = f"convstack-e2e-{uuid.uuid4().hex[:6]}"
+    cluster = Cluster(namespace)
+    in_namespace = [_into_namespace(o, namespace) for o in objects]
+    cluster.apply([o for o in in_namespace if o["kind"] in ("Namespace", "PersistentVolumeClaim")])
+    yield cluster
+    if os.environ.get(KEEP_ENV) != "1":
+        subprocess.run(
+            ["kubectl", "delete", "namespace", namespace, "--wait=false"],
+            capture_output=True,
+            check=False,
+        )
+
+
+def _into_namespace(obj: dict, namespace: str) -> dict:
+    obj = copy.deepcopy(obj)
+    if obj["kind"] == "Namespace":
+        obj["metadata"]["name"] = namespace
+    else:
+        obj["metadata"]["namespace"] = namespace
+    return obj
+
+
+def training_job(objects: list[dict], namespace: str, version: int) -> dict:
+    """The overlay's Job, renamed per version, training briefly into its own run directory."""
+    job = _into_namespace(one(objects, "Job", "convstack-train"), namespace)
+    job["metadata"]["name"] = f"convstack-train-v{version}"
+    trainer = container(job, "trainer")
+    args = [a for a in trainer["args"] if not a.startswith(("--run-dir=", "--epochs="))]
+    trainer["args"] = [
+        *args,
+        f"--run-dir=/runs/e2e-v{version}",
+        "--epochs=5",
+        f"--version={version}",
+    ]
+    k8s_render.validate([job])
+    return job
+
+
+def wait_for_job(cluster: Cluster, name: str) -> None:
+    deadline = time.monotonic() + JOB_DEADLINE_S
+    while time.monotonic() < deadline:
+        conditions = cluster.get("job", name).get("status", {}).get("conditions", [])
+        states = {c["type"] for c in conditions if c["status"] == "True"}
+        if "Complete" in states:
+            return
+        if "Failed" in states:
+            details = cluster.diagnostics(f"batch.kubernetes.io/job-name={name}")
+            raise AssertionError(f"Job {name} failed: {conditions}\n{details}")
+        time.sleep(5)
+    raise AssertionError(f"Job {name} did not finish in {JOB_DEADLINE_S} s")
+
+
+def train(cluster: Cluster, objects: list[dict], version: int) -> None:
+    job = training_job(objects, cluster.namespace, version)
+    cluster.apply([job])
+    wait_for_job(cluster, job["metadata"]["name"])
+
+
+@dataclass
+class PortForward:
+    process: subprocess.Popen
+    grpc_port: int
+
+    @functools.cached_property
+    def stub(self) -> prediction_service_pb2_grpc.PredictionServiceStub:
+        channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+        return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def served(cluster, objects) -> Iterator[PortForward]:
+    """Version 1 trained, the serving stack applied and rolled out, and a port-forward to it."""
+    train(cluster, objects, version=1)
+    stack = [_into_namespace(o, cluster.namespace) for o in objects if o["kind"] in SERVING_KINDS]
+    cluster.apply(stack)
+    result = subprocess.run(
+        [
+            "kubectl", "--namespace", cluster.namespace, "rollout", "status",
+            "deployment/convstack-serving", f"--timeout={ROLLOUT_DEADLINE_S}s",
+        ],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        details = cluster.diagnostics("app.kubernetes.io/component=serving")
+        raise AssertionError(f"serving never became available: {result.stderr}\n{details}")
+    process = subprocess.Popen(
+        ["kubectl", "--namespace", cluster.namespace, "port-forward",
+         "deployment/convstack-serving", ":8500"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    line = process.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8500"
+    match = re.search(r"127\.0\.0\.1:(\d+) -> 8500", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"kubectl port-forward said: {line!r}")
+    yield PortForward(process, int(match.group(1)))
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def digits_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test images preprocessed as the trainer does (the client's job for `images`)."""
+    from trainer.data import load_dataset
+
+    images, labels = load_dataset("digits").arrays("test", limit=count)
+    return np.ascontiguousarray(images), np.asarray(labels)
+
+
+def predict(
+    forward: PortForward, images: np.ndarray, label: str | None = None
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """(served version, probabilities, classes) from TF Serving's Predict."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL
+    if label:
+        request.model_spec.version_label = label
+    request.inputs["images"].CopyFrom(to_tensor_proto(images))
+    reply = forward.stub.Predict(request, timeout=60)
+    return (
+        reply.model_spec.version.value,
+        to_ndarray(reply.outputs["probabilities"]),
+        to_ndarray(reply.outputs["classes"]),
+    )
+
+
+def test_the_trained_version_is_served_and_predicts(served):
+    images, labels = digits_test_images(64)
+    version, probabilities, classes = predict(served, images)
+    assert version == 1
+    assert probabilities.shape == (64, 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-4)
+    assert np.array_equal(classes, probabilities.argmax(axis=1))
+    assert (classes == labels).mean() > 0.5  # trained, not random (chance is 0.1)
+
+
+def test_a_second_version_rolls_out_through_the_config_map(cluster, objects, served):
+    train(cluster, objects, version=2)
+    # What the rollout commands write: both versions loaded, labelled stable and canary.
+    config = model_config.parse_model_config(
+        cluster.get("configmap", SERVING_CONFIG)["data"]["models.config"]
+    )
+    config = model_config.set_version_policy(config, MODEL, specific=[1, 2])
+    config = model_config.set_version_labels(config, MODEL, {"stable": 1, "canary": 2})
+    patch = {"data": {"models.config": model_config.format_model_config(config)}}
+    cluster.kubectl("patch", "configmap", SERVING_CONFIG, "--type=merge", "-p", json.dumps(patch))
+
+    images, _ = digits_test_images(8)
+    deadline = time.monotonic() + CONFIG_PROPAGATION_DEADLINE_S
+    served: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            served = {label: predict(served, images, label)[0] for label in ("stable", "canary")}
+        except grpc.RpcError:  # labels not known yet: the config has not arrived
+            served = {}
+        if served == {"stable": 1, "canary": 2}:
+            break
+        time.sleep(5)
+    assert served == {"stable": 1, "canary": 2}
+    # The pod was not restarted: the directory-mounted ConfigMap updated in place.
+    pods = json.loads(
+        cluster.kubectl("get", "pods", "-l", "app.kubernetes.io/component=serving", "-o", "json")
+    )
+    assert all(
+        status["restartCount"] == 0
+        for pod in pods["items"]
+        for status in pod["status"]["containerStatuses"]
+    )
