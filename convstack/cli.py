@@ -12,6 +12,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data_cli", "data_main", "dataset tools: to-tfrecord"),
     "serve": ("serving.cli", "serve_main", "serve models over TF Serving's gRPC and REST APIs"),
     "models-config": ("serving.cli", "models_config_main", "write or edit a models.config"),
+    "predict": ("client.cli", "predict_main", "classify images via a server or a SavedModel"),
+    "status": ("client.cli", "status_main", "versions of a model and their states"),
+    "metadata": ("client.cli", "metadata_main", "signatures of a model: inputs, outputs, shapes"),
     "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
     "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
 }
