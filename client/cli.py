@@ -200,7 +200,7 @@ def _load_npy(path: str, input_spec) -> tuple[list[str], np.ndarray]:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise _Failure(f"{path}: no such file") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise _Failure(f"{path}: not a readable .npy array: {exc}") from None
     if input_spec.shape is not None and array.ndim == len(input_spec.shape) - 1:
         array = array[None]  # one example without its batch axis

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,22 +52,44 @@ def start_server(model_base: Path, model_name: str, grpc_port: int, rest_port: i
     raise SystemExit(f"convstack serve exited with status {process.wait()} before it was ready")
 
 
-def grpc_predictions(target: str, model_name: str, images: np.ndarray, batch: int = 64):
-    import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+def grpc_predictions(target: str, model_name: str, images: np.ndarray):
+    """All test images through the convstack client (validated locally, split into requests
+    under the message limit, sent concurrently)."""
+    from client import PredictionClient
 
-    from client.tensors import to_ndarray, to_tensor_proto
+    with PredictionClient(target, model_name) as model:
+        served_version = model.wait_until_available(timeout=30)
+        classes = model.predict_many(images, batch_size=64)["classes"]
+    return classes, served_version
 
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(target))
-    classes, version = [], None
-    for start in range(0, len(images), batch):
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = model_name
-        request.inputs["images"].CopyFrom(to_tensor_proto(images[start : start + batch]))
-        reply = stub.Predict(request, timeout=30)
-        classes.append(to_ndarray(reply.outputs["classes"]))
-        version = reply.model_spec.version.value
-    return np.concatenate(classes), version
+
+def cli_table(target: str, model_name: str, images: np.ndarray, directory: Path) -> str:
+    """`convstack predict` on PNG files, as a user would run it."""
+    from PIL import Image
+
+    paths = []
+    for index, image in enumerate(images):
+        path = directory / f"test-{index}.png"
+        Image.fromarray(np.uint8(np.rint(image[..., 0] * 255))).save(path)
+        paths.append(str(path))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "convstack.cli",
+            "predict",
+            "--target",
+            target,
+            "--model",
+            model_name,
+            *paths,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
 
 
 def rest_predictions(port: int, model_name: str, images: np.ndarray) -> list[dict]:
@@ -100,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
             f"gRPC: {len(images)} test images, served by version {version} in {seconds:.2f}s: "
             f"accuracy {accuracy:.4f}"
         )
+        with tempfile.TemporaryDirectory() as directory:
+            print(
+                f"$ convstack predict --target 127.0.0.1:{grpc_port} --model "
+                f"{args.model_name} test-0.png test-1.png test-2.png"
+            )
+            print(cli_table(f"127.0.0.1:{grpc_port}", args.model_name, images[:3], Path(directory)))
         rows = rest_predictions(rest_port, args.model_name, images[:8])
         print("REST: first 8 test images")
         print("  label  predicted  probability")

@@ -34,5 +34,6 @@ def test_demo_serves_predicts_over_grpc_and_rest_and_stops_cleanly(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "gRPC: 359 test images, served by version 1" in result.stdout
+    assert "CLASS  PROBABILITY" in result.stdout  # the convstack predict CLI table
     assert "REST: first 8 test images" in result.stdout
     assert "server stopped with exit status 0" in result.stdout
