@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,36 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_server(model_base: Path, model_name: str, grpc_port: int, rest_port: int):
-    command = [
-        sys.executable,
-        "-m",
-        "convstack.cli",
-        "serve",
-        "--backend=embedded",
-        "--host=127.0.0.1",
-        f"--port={grpc_port}",
-        f"--rest_api_port={rest_port}",
-        f"--model_name={model_name}",
-        f"--model_base_path={model_base / model_name}",
-    ]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
-    for line in process.stdout:  # the server prints one line once its ports are open
-        if line.startswith("convstack serve: ready"):
-            return process
-    raise SystemExit(f"convstack serve exited with status {process.wait()} before it was ready")
+from serving.process import ServerProcess
 
 
 def grpc_predictions(target: str, model_name: str, images: np.ndarray):
@@ -109,12 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import load_dataset
 
     images, labels = load_dataset("digits").arrays("test")
-    grpc_port, rest_port = free_port(), free_port()
+    logs = tempfile.TemporaryDirectory()
+    server = ServerProcess.start(
+        args.model_name, Path(args.model_base) / args.model_name, Path(logs.name) / "server.log"
+    )
+    grpc_port, rest_port = server.grpc_port, server.rest_port
     print(
         f"\n== serving {args.model_base}/{args.model_name} on gRPC :{grpc_port}, REST :{rest_port}"
     )
-    server = start_server(Path(args.model_base), args.model_name, grpc_port, rest_port)
     try:
+        server.wait_available(args.model_name)
         started = time.perf_counter()
         predicted, version = grpc_predictions(f"127.0.0.1:{grpc_port}", args.model_name, images)
         seconds = time.perf_counter() - started
@@ -136,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             probability = max(row["probabilities"])
             print(f"  {label:>5}  {row['classes']:>9}  {probability:>11.4f}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = server.stop(timeout=60)
+        logs.cleanup()
     print(f"server stopped with exit status {code}")
     return 0 if code == 0 else 1
 

@@ -16,18 +16,14 @@ import logging
 import math
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from serving.process import ServerProcess, ServerProcessError, free_ports  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +46,6 @@ GOAL_OVERHEAD_MS = 1.0
 GOAL_BATCHING_SPEEDUP = 2.0
 FLOOR_MIN_CALLS = 20
 WARMUP_REQUESTS = 10
-SERVER_START_SECONDS = 180.0
 EXIT_BAD_INPUT = 2
 
 
@@ -139,99 +134,7 @@ def measure_floor(loaded, inputs: dict[str, np.ndarray], duration: float) -> dic
     }
 
 
-# --- server subprocesses ----------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback right now (bound, read, released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-@dataclass
-class ServerProcess:
-    """A `convstack serve --backend=embedded` subprocess on free loopback ports."""
-
-    process: subprocess.Popen
-    grpc_port: int
-    rest_port: int
-    log_path: Path
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def rest_target(self) -> str:
-        return f"http://127.0.0.1:{self.rest_port}"
-
-    @classmethod
-    def start(cls, model_name: str, model_base_path: Path, log_path: Path, flags=()):
-        """Start serving one model; returns at once (see wait_available)."""
-        grpc_port, rest_port = free_ports(2)
-        command = [
-            sys.executable,
-            "-m",
-            "convstack.cli",
-            "serve",
-            "--backend=embedded",
-            "--host=127.0.0.1",
-            f"--port={grpc_port}",
-            f"--rest_api_port={rest_port}",
-            f"--model_name={model_name}",
-            f"--model_base_path={Path(model_base_path).resolve()}",
-            *flags,
-        ]
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            )
-        return cls(process, grpc_port, rest_port, Path(log_path))
-
-    def log_tail(self, lines: int = 30) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_available(self, model_name: str, timeout: float = SERVER_START_SECONDS) -> None:
-        """Poll the REST status until a version is AVAILABLE (BenchError if it exits or never
-        gets there)."""
-        url = f"{self.rest_target}/v1/models/{model_name}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(
-                    f"the server exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    states = [s["state"] for s in json.load(response)["model_version_status"]]
-                if "AVAILABLE" in states:
-                    return
-            except (OSError, ValueError, KeyError):
-                pass  # not listening yet, or still loading
-            time.sleep(0.2)
-        raise BenchError(f"{model_name} not AVAILABLE after {timeout:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, wait; SIGKILL if it does not exit in `timeout` s. The exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                log.error("server pid %d ignored SIGTERM for %.0f s", self.process.pid, timeout)
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+# --- server subprocesses: serving.process.ServerProcess ------------------------------------
 
 
 def process_cpu_seconds(pid: int) -> float | None:
@@ -568,7 +471,7 @@ def bench_main(argv: list[str]) -> int:
     configure_logging()
     try:
         report = run_benchmark(args)
-    except BenchError as exc:
+    except (BenchError, ServerProcessError) as exc:
         print(f"convstack bench serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT if isinstance(exc, MissingModelError) else 1
     out = Path(args.out)

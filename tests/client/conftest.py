@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent import futures
@@ -25,7 +24,8 @@ from tensorflow_serving.apis import (
 )
 
 from client.tensors import to_ndarray, to_tensor_proto
-from tests.serving.conformance.conftest import Server, free_ports
+from tests.loopback import EMBEDDED_SERVE, free_ports
+from tests.serving.conformance.conftest import Server
 from tests.trainer import export_helpers
 
 MODEL = "tiny"
@@ -87,12 +87,7 @@ def launch(directory: Path, flags: list[str], grpc_port: int | None = None) -> M
     monitoring.write_text(MONITORING)
     log_path = directory / f"server-{grpc_port}.log"
     command = [
-        sys.executable,
-        "-m",
-        "convstack.cli",
-        "serve",
-        "--backend=embedded",
-        "--host=127.0.0.1",
+        *EMBEDDED_SERVE,
         f"--port={grpc_port}",
         f"--rest_api_port={rest_port}",
         f"--monitoring_config_file={monitoring}",

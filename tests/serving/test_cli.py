@@ -175,3 +175,29 @@ def test_a_port_in_use_is_one_clear_error(tmp_path):
     assert result.returncode == 1
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0], result.stderr[-2000:]
+
+
+def test_ssl_config_file_is_read_like_tf_serving(tmp_path):
+    from serving.cli import UsageError, tls_from_ssl_config
+
+    path = tmp_path / "ssl.config"
+    path.write_text(
+        'server_key: "-----BEGIN KEY-----\\nabc\\n-----END KEY-----"\n'
+        'server_cert: "-----BEGIN CERT-----\\ndef\\n-----END CERT-----"\n'
+        'custom_ca: "-----BEGIN CA-----\\nghi\\n-----END CA-----"\n'
+        "client_verify: true\n"
+    )
+    tls = tls_from_ssl_config(path)
+    assert tls.key.read_text() == "-----BEGIN KEY-----\nabc\n-----END KEY-----"
+    assert tls.cert.read_text().startswith("-----BEGIN CERT-----\ndef")
+    assert tls.client_ca is not None and "ghi" in tls.client_ca.read_text()
+    assert oct(tls.key.stat().st_mode & 0o777) == "0o600"
+
+    path.write_text(path.read_text().replace("client_verify: true", "client_verify: false"))
+    assert tls_from_ssl_config(path).client_ca is None
+    path.write_text('server_key: "k"\nserver_cert: "c"\ncolour: 1\n')
+    with pytest.raises(UsageError, match="colour"):
+        tls_from_ssl_config(path)
+    path.write_text('server_cert: "c"\n')
+    with pytest.raises(UsageError, match="needs server_key"):
+        tls_from_ssl_config(path)
