@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("client.cli", "status_main", "versions of a model and their states"),
     "metadata": ("client.cli", "metadata_main", "signatures of a model: inputs, outputs, shapes"),
     "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
+    "bench client": ("client.bench", "bench_main", "load generator: throughput, latency, codec"),
+    "loadgen": ("client.bench", "bench_main", "the same as bench client"),
     "bench serve": ("serving.bench", "bench_main", "in-process vs gRPC/REST, batching on and off"),
     "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
 }
