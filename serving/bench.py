@@ -466,7 +466,7 @@ def bench_main(argv: list[str]) -> int:
     """`convstack bench serve`: run, print the summary, save JSON and PNG. 0 when it ran (goals
     met or not), 2 for a missing model, 1 if a server failed or did not exit cleanly."""
     args = build_parser().parse_args(argv)
-    from serving.cli import configure_logging
+    from convstack.logs import configure_logging
 
     configure_logging()
     try:

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from convstack.logs import configure_logging
 from serving import launcher
 
 EXIT_BAD_INPUT = 2
@@ -268,15 +269,6 @@ def choose_backend(requested: str) -> tuple[str, str | None]:
             f"${launcher.BINARY_ENV}, and no Docker engine answers"
         )
     return "embedded", None
-
-
-def configure_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def serve_main(argv: list[str]) -> int:

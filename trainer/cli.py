@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from convstack.configs import ConfigValueError, add_config_flags, build_config
+from convstack.logs import configure_logging as shared_logging_setup
 from trainer.config import TrainConfig
 from trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
 
@@ -39,13 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    shared_logging_setup()
     logging.getLogger("absl").setLevel(logging.WARNING)  # per-batch tf.data sharding chatter
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def train_main(argv: list[str]) -> int:
