@@ -19,12 +19,17 @@ $(STAMP): pyproject.toml
 	cp pyproject.toml $(STAMP)
 
 # The main job: train on the bundled digits with 2 replicas, export version 1, serve it with
-# the embedded server and predict through gRPC and REST.
+# the embedded server and predict through gRPC and REST; then train version 2 and roll it out
+# (canary with gates, then stable) on two server replicas that share one models.config.
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
 		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits
 	$(BIN)/python -m convstack.demo --model-base $(DEMO_DIR)/models --model-name digits
+	$(CONVSTACK) train --data digits --replicas 2 --epochs 30 \
+		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits-v2
+	$(BIN)/python -m convstack.rollout_demo --model-base $(DEMO_DIR)/models --model-name digits \
+		--config $(DEMO_DIR)/models.config
 
 train: setup
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \

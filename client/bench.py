@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from client.cli import _one_line, _parse, _positive, _quiet_stderr, _table
+from client.cli import _one_line, _parse, _positive, _table, quiet_stderr
 
 if TYPE_CHECKING:
     from client.loadgen import LoadResult
@@ -237,7 +237,7 @@ def _per_call_us(call: Callable[[], object]) -> float:
 
 def _tensorflow_codec() -> tuple[Callable, Callable]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _quiet_stderr():
+    with quiet_stderr():
         import tensorflow as tf
     return tf.make_tensor_proto, tf.make_ndarray
 
@@ -470,7 +470,7 @@ def bench_main(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _quiet_stderr():  # the client's protos import TensorFlow, which talks on stderr
+    with quiet_stderr():  # the client's protos import TensorFlow, which talks on stderr
         import client.loadgen
         import client.sync_client  # noqa: F401
     prog = "convstack bench client"

@@ -32,7 +32,7 @@ CHUNK_ROWS = 64
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Send file descriptor 2 to /dev/null for a while: TensorFlow 2.21 writes start-up lines
     there at import whatever TF_CPP_MIN_LOG_LEVEL says, which would bury the one-line errors."""
     sys.stderr.flush()
@@ -49,7 +49,7 @@ def _quiet_stderr():
 
 def _import_client():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _quiet_stderr():
+    with quiet_stderr():
         import client.sync_client as sync_client
     return sync_client
 
@@ -299,7 +299,7 @@ def _load_saved_model(directory: str, signature: str):
     if not Path(directory, "saved_model.pb").is_file():
         raise _Failure(f"{directory}: not a SavedModel directory (no saved_model.pb)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _quiet_stderr():
+    with quiet_stderr():
         import tensorflow as tf
 
         try:

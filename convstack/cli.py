@@ -19,7 +19,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench client": ("client.bench", "bench_main", "load generator: throughput, latency, codec"),
     "loadgen": ("client.bench", "bench_main", "the same as bench client"),
     "bench serve": ("serving.bench", "bench_main", "in-process vs gRPC/REST, batching on and off"),
+    "rollout": ("convstack.rollout_entry", "rollout_main", "canary, promote, roll back, retire"),
     "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
+    "k8s train": ("convstack.k8s_launch", "train_main", "run a training Job, stream its log"),
+    "k8s deploy": ("convstack.k8s_launch", "deploy_main", "apply the serving stack and wait"),
 }
 
 

@@ -60,15 +60,25 @@ class ServerProcess:
     @classmethod
     def start(cls, model_name: str, model_base_path: Path, log_path: Path, flags=()):
         """Start serving one model; returns at once (see wait_available)."""
-        grpc_port, rest_port = free_ports(2)
-        command = [
-            *EMBEDDED_SERVE,
-            f"--port={grpc_port}",
-            f"--rest_api_port={rest_port}",
+        model_flags = [
             f"--model_name={model_name}",
             f"--model_base_path={Path(model_base_path).resolve()}",
-            *flags,
         ]
+        return cls.launch([*model_flags, *flags], log_path)
+
+    @classmethod
+    def start_with_config(cls, config_path: Path, log_path: Path, flags=(), backend="embedded"):
+        """Start serving the models of a models.config; `backend` "auto" runs the real TF
+        Serving when it is installed. Returns at once (see wait_available)."""
+        config_flag = f"--model_config_file={Path(config_path).resolve()}"
+        return cls.launch([config_flag, *flags], log_path, backend=backend)
+
+    @classmethod
+    def launch(cls, flags, log_path: Path, backend: str = "embedded", ports=None):
+        """`convstack serve` with `flags` on free (or the given) loopback ports."""
+        grpc_port, rest_port = ports or free_ports(2)
+        serve = [a if a != "--backend=embedded" else f"--backend={backend}" for a in EMBEDDED_SERVE]
+        command = [*serve, f"--port={grpc_port}", f"--rest_api_port={rest_port}", *flags]
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 command,

@@ -140,7 +140,10 @@ def workflow_commands(workflow: dict) -> str:
 def test_workflow_runs_the_cluster_tests_on_the_pinned_kubernetes(workflow):
     commands = workflow_commands(workflow)
     assert "docker build -f k8s/trainer.Dockerfile" in commands
-    assert re.search(r"pytest tests/k8s/test_cluster\.py -m cluster", commands)
+    assert re.search(
+        r"pytest tests/k8s/test_cluster\.py tests/serving/test_configmap_store\.py\s+-m cluster",
+        commands,
+    )
     node_image = workflow["env"]["KIND_NODE_IMAGE"]
     assert re.fullmatch(
         rf"kindest/node:v{re.escape(k8s_render.KUBERNETES_VERSION)}\.\d+", node_image
