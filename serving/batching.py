@@ -899,7 +899,7 @@ class BatchScheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dispatch_handle: asyncio.Handle | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._batch_tasks: set[asyncio.Task] = set()
+        self._timer_due: float | None = None  # time.monotonic() of the armed timer
         self._drained = asyncio.Event()
 
     @property
@@ -932,14 +932,19 @@ class BatchScheduler:
         queue.enqueue(request, arrays, rows, now)
         self._queues.setdefault(key, queue)
         self._request_dispatch()
-        if deadline is not None:
-            timer = loop.call_later(max(0.0, deadline - now), self._expire, key, request)
-            request.future.add_done_callback(lambda _: timer.cancel())
+        timer = (
+            None
+            if deadline is None
+            else loop.call_later(max(0.0, deadline - now), self._expire, key, request)
+        )
         try:
             return await request.future
         except asyncio.CancelledError:
             self._withdraw(key, request)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def close(self) -> None:
         """Stop accepting tasks (Unavailable), run everything queued without waiting for
@@ -997,9 +1002,26 @@ class BatchScheduler:
         queue = self._queues[key]
         queue.running += 1
         self._running += 1
-        task = self._loop.create_task(self._run_batch(key, queue, pieces, now))
-        self._batch_tasks.add(task)
-        task.add_done_callback(self._batch_tasks.discard)
+        delays = [now - piece.request.enqueued for piece in pieces]
+        # Straight to a batch thread (no Task, no wrapped asyncio future): the batch starts now,
+        # not an event-loop iteration later, and comes back with one call_soon_threadsafe.
+        try:
+            future = self._executor.submit(
+                _execute_batch,
+                pieces[0].request.run,
+                [piece.inputs for piece in pieces],
+                [piece.size for piece in pieces],
+                self._params,
+            )
+        except Exception as exc:  # e.g. the executor was shut down under us
+            self._finish_batch(key, queue, pieces, delays, _Outcome(error=exc))
+            return
+        loop = self._loop
+        future.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(
+                self._batch_done, key, queue, pieces, delays, done
+            )
+        )
 
     @staticmethod
     def _admit(piece: _Piece, now: float) -> bool:
@@ -1012,25 +1034,19 @@ class BatchScheduler:
             return False
         return True
 
-    async def _run_batch(self, key: Hashable, queue: _Queue, pieces: list[_Piece], started):
-        delays = [started - piece.request.enqueued for piece in pieces]
-        outcome = _Outcome(error=Internal("The batch did not complete"))
-        try:
-            outcome = await self._loop.run_in_executor(
-                self._executor,
-                _execute_batch,
-                pieces[0].request.run,
-                [piece.inputs for piece in pieces],
-                [piece.size for piece in pieces],
-                self._params,
-            )
-        except asyncio.CancelledError:
+    def _batch_done(self, key, queue: _Queue, pieces, delays, done: concurrent.futures.Future):
+        if done.cancelled():
             outcome = _Outcome(error=Cancelled("The batch was cancelled before it finished"))
-            raise
-        except Exception as exc:  # e.g. the executor was shut down under us
-            outcome = _Outcome(error=exc)
-        finally:
+        elif done.exception() is not None:  # _execute_batch returns errors; this is a bug
+            outcome = _Outcome(error=done.exception())
+        else:
+            outcome = done.result()
+        self._finish_batch(key, queue, pieces, delays, outcome)
+
+    def _finish_batch(self, key, queue: _Queue, pieces, delays, outcome: _Outcome) -> None:
+        try:
             self._deliver(pieces, outcome)
+        finally:
             queue.running -= 1
             self._running -= 1
             self._forget_if_idle(key)
@@ -1109,17 +1125,20 @@ class BatchScheduler:
             del self._queues[key]
 
     def _arm_timer(self, now: float) -> None:
+        due = None
+        if self._running < self._params.num_batch_threads:  # else the next finished batch
+            ready = (queue.ready_at() for queue in self._queues.values())
+            due = min((t for t in ready if t is not None), default=None)
+        if due == self._timer_due:
+            return  # already armed for it: dispatches run every loop iteration under load
         if self._timer is not None:
             self._timer.cancel()
-            self._timer = None
-        if self._running >= self._params.num_batch_threads:
-            return  # the next finished batch dispatches again
-        due = [t for t in (q.ready_at() for q in self._queues.values()) if t is not None]
-        if due:
-            self._timer = self._loop.call_later(max(0.0, min(due) - now), self._on_timer)
+        self._timer, self._timer_due = None, due
+        if due is not None:
+            self._timer = self._loop.call_later(max(0.0, due - now), self._on_timer)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        self._timer = self._timer_due = None
         self._dispatch()
 
     def _check_drained(self) -> None:

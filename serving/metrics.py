@@ -124,6 +124,7 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         self.request_count = _CounterFamily(
             ":tensorflow:serving:request_count",
             "The total number of requests.",
@@ -174,25 +175,35 @@ class ServingMetrics:
     def _histogram(self, name, documentation, labels, buckets) -> Histogram:
         return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
 
+    def _child(self, histogram: Histogram, *label_values: str):
+        """`histogram.labels(...)`, cached: prometheus_client validates the label values on
+        every call, which costs as much as the observation itself on the request path."""
+        key = (id(histogram), label_values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = histogram.labels(*label_values)
+        return child
+
     def record_request(
         self, model_name: str, api: str, entrypoint: str, status_code: str, seconds: float
     ) -> None:
         """One request: its status (gRPC code name) and its latency in microseconds."""
         self.request_count.inc(model_name, status_code)
-        self.request_latency.labels(model_name, api, entrypoint).observe(seconds * 1e6)
+        self._child(self.request_latency, model_name, api, entrypoint).observe(seconds * 1e6)
 
     def record_runtime(self, model_name: str, api: str, seconds: float) -> None:
-        self.runtime_latency.labels(model_name, api, "TF2").observe(seconds * 1e6)
+        self._child(self.runtime_latency, model_name, api, "TF2").observe(seconds * 1e6)
 
     def record_batch(
         self, model_name: str, size: int, padded_size: int, queue_delays: list[float]
     ) -> None:
         self.wrapped_run_count.inc()
-        self.input_batch_size.labels(model_name, "predict").observe(size)
-        self.processed_batch_size.labels(model_name, "predict").observe(padded_size)
-        self.padding_size.labels(model_name, str(padded_size)).observe(padded_size - size)
+        self._child(self.input_batch_size, model_name, "predict").observe(size)
+        self._child(self.processed_batch_size, model_name, "predict").observe(padded_size)
+        self._child(self.padding_size, model_name, str(padded_size)).observe(padded_size - size)
+        queuing = self._child(self.queuing_latency, "batch_threads")
         for delay in queue_delays:
-            self.queuing_latency.labels("batch_threads").observe(delay * 1e6)
+            queuing.observe(delay * 1e6)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

@@ -524,6 +524,26 @@ def test_run_error_reaches_every_task_of_the_batch_and_the_next_batch_works():
     assert model.sizes == [2, 2, 2]
 
 
+def test_a_batch_the_executor_refuses_fails_its_tasks_and_the_scheduler_still_closes():
+    model = Model()
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    executor.shutdown()  # submit() now raises RuntimeError
+
+    async def main():
+        scheduler = BatchScheduler(params(max_batch_size=2), executor=executor)
+        outcome = await asyncio.gather(
+            scheduler.submit("k", rows(1), model),
+            scheduler.submit("k", rows(2), model),
+            return_exceptions=True,
+        )
+        await asyncio.wait_for(scheduler.close(), 5)
+        return outcome
+
+    outcome = run_async(main())
+    assert all(isinstance(e, Internal) and "shutdown" in e.message for e in outcome)
+    assert model.sizes == []
+
+
 def test_outputs_without_the_batch_rows_are_internal():
     async def main():
         scheduler = BatchScheduler(params(max_batch_size=2))
