@@ -61,6 +61,14 @@ class ConfigStore(Protocol):
     def write(self, config: ModelServerConfig, expected_revision: str) -> StoredConfig: ...
 
 
+def check_writable(config: ModelServerConfig, uri: str) -> None:
+    """ConfigStoreError naming the store unless `config` is valid (checked before any write)."""
+    try:
+        model_config.validate_model_config(config)
+    except ModelConfigError as exc:
+        raise ConfigStoreError(f"{uri}: refusing to write an invalid config: {exc}") from exc
+
+
 def text_revision(text: str) -> str:
     """The revision of a config held as text: its SHA-256."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -121,12 +129,7 @@ class FileStore:
         """Replace the file if it is still at `expected_revision`; `before_replace` runs under
         the lock first (and stops the write by raising)."""
         # Checked before `before_replace`, which may push the config to a server.
-        try:
-            model_config.validate_model_config(config)
-        except ModelConfigError as exc:
-            raise ConfigStoreError(
-                f"{self.uri}: refusing to write an invalid config: {exc}"
-            ) from exc
+        check_writable(config, self.uri)
         text = model_config.format_model_config(config)
         try:
             with locked(self._lock_path):
@@ -186,12 +189,7 @@ def update_config(
     for attempt in range(1, attempts + 1):
         before = store.read()
         edited = edit(before.config)
-        try:
-            model_config.validate_model_config(edited)
-        except ModelConfigError as exc:
-            raise ConfigStoreError(
-                f"{store.uri}: refusing to write an invalid config: {exc}"
-            ) from exc
+        check_writable(edited, store.uri)
         try:
             return before, store.write(edited, before.revision)
         except ConfigConflictError:

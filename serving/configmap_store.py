@@ -19,10 +19,11 @@ from serving.config_store import (
     ConfigConflictError,
     ConfigStoreError,
     StoredConfig,
+    check_writable,
     parse_stored,
 )
 from serving.kube_api import KubeApi, KubeConflictError, KubeError, KubeNotFoundError
-from serving.model_config import ModelConfigError, ModelServerConfig
+from serving.model_config import ModelServerConfig
 
 __all__ = ["ROLLOUT_FIELD_MANAGER", "ConfigMapStore"]
 
@@ -71,12 +72,7 @@ class ConfigMapStore:
         """Set the key to `config` if the ConfigMap is still at `expected_revision`
         (ConfigConflictError otherwise, and nothing is written). `before_replace` runs just
         before the write and stops it by raising (as FileStore's)."""
-        try:
-            model_config.validate_model_config(config)
-        except ModelConfigError as exc:
-            raise ConfigStoreError(
-                f"{self.uri}: refusing to write an invalid config: {exc}"
-            ) from exc
+        check_writable(config, self.uri)
         text = model_config.format_model_config(config)
         if before_replace is not None:
             before_replace(config)

@@ -82,6 +82,16 @@ def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
     return verb
 
 
+# Gate thresholds: flag -> (GateSettings field, help). Defaults come from GateSettings.
+_GATE_THRESHOLDS = {
+    "--tolerance": ("tolerance", "accuracy the candidate may lose vs stable"),
+    "--accuracy-floor": ("accuracy_floor", "minimum accuracy whatever stable's"),
+    "--latency-factor": ("latency_factor", "candidate p99 <= factor x stable p99 + slack"),
+    "--latency-slack-ms": ("latency_slack_ms", "the slack of the latency gate, in ms"),
+    "--infra-timeout": ("infra_timeout", "seconds the sandbox load and golden batch may take"),
+}
+
+
 def _gate_flags(verb: argparse.ArgumentParser) -> None:
     defaults = GateSettings()
     verb.add_argument(
@@ -89,33 +99,11 @@ def _gate_flags(verb: argparse.ArgumentParser) -> None:
         help="golden set: a dataset URI as `convstack train --data` "
         "takes it (default: the test split of the candidate's dataset)",
     )
-    verb.add_argument(
-        "--tolerance",
-        type=float,
-        default=defaults.tolerance,
-        help="accuracy the candidate may lose vs stable (default %(default)s)",
-    )
+    for flag, (field_name, help_text) in _GATE_THRESHOLDS.items():
+        default = getattr(defaults, field_name)
+        verb.add_argument(flag, type=float, default=default, help=f"{help_text} ({default:g})")
     verb.add_argument(
         "--tolerance-kind", choices=["absolute", "relative"], default=defaults.tolerance_kind
-    )
-    verb.add_argument(
-        "--accuracy-floor",
-        type=float,
-        default=defaults.accuracy_floor,
-        help="minimum accuracy whatever stable's (default %(default)s)",
-    )
-    verb.add_argument(
-        "--latency-factor",
-        type=float,
-        default=defaults.latency_factor,
-        help="candidate p99 <= factor x stable p99 + slack (default %(default)s)",
-    )
-    verb.add_argument("--latency-slack-ms", type=float, default=defaults.latency_slack_ms)
-    verb.add_argument(
-        "--infra-timeout",
-        type=float,
-        default=defaults.infra_timeout,
-        help="seconds the sandbox load and golden batch may take",
     )
     verb.add_argument(
         "--observe-seconds",
@@ -138,14 +126,8 @@ def parse_servers(values: Sequence[str]) -> list[str]:
 def _settings(args: argparse.Namespace) -> RolloutSettings:
     gates = GateSettings()
     if hasattr(args, "tolerance"):
-        gates = GateSettings(
-            tolerance=args.tolerance,
-            tolerance_kind=args.tolerance_kind,
-            accuracy_floor=args.accuracy_floor,
-            latency_factor=args.latency_factor,
-            latency_slack_ms=args.latency_slack_ms,
-            infra_timeout=args.infra_timeout,
-        )
+        thresholds = {field: getattr(args, field) for field, _ in _GATE_THRESHOLDS.values()}
+        gates = GateSettings(tolerance_kind=args.tolerance_kind, **thresholds)
     return RolloutSettings(
         wait_timeout=args.wait_timeout,
         observe_seconds=getattr(args, "observe_seconds", 0.0),

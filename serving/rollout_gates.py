@@ -47,6 +47,18 @@ class GateSettings:
     latency_slack_ms: float = 2.0
     infra_timeout: float = 180.0
 
+    def __post_init__(self) -> None:
+        checks = {
+            "--tolerance must be in [0, 1)": 0 <= self.tolerance < 1,
+            "--accuracy-floor must be in [0, 1]": 0 <= self.accuracy_floor <= 1,
+            "--latency-factor must be > 0": self.latency_factor > 0,
+            "--latency-slack-ms must be >= 0": self.latency_slack_ms >= 0,
+            "--infra-timeout must be > 0": self.infra_timeout > 0,
+        }
+        for problem, ok in checks.items():
+            if not ok:
+                raise ValueError(problem)
+
 
 @dataclass(frozen=True)
 class GoldenSet:

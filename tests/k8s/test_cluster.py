@@ -31,7 +31,10 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from client.tensors import to_ndarray, to_tensor_proto
 from convstack import k8s_render
-from serving import model_config
+from serving import rollout_plan
+from serving.config_store import update_config
+from serving.configmap_store import ConfigMapStore
+from serving.rollout_watch import wait_for_state
 from tests.k8s.manifests import container, one
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -275,27 +278,18 @@ def test_the_trained_version_is_served_and_predicts(served):
 
 def test_a_second_version_rolls_out_through_the_config_map(cluster, objects, served):
     train(cluster, objects, version=2)
-    # What the rollout commands write: both versions loaded, labelled stable and canary.
-    config = model_config.parse_model_config(
-        cluster.get("configmap", SERVING_CONFIG)["data"]["models.config"]
-    )
-    config = model_config.set_version_policy(config, MODEL, specific=[1, 2])
-    config = model_config.set_version_labels(config, MODEL, {"stable": 1, "canary": 2})
-    patch = {"data": {"models.config": model_config.format_model_config(config)}}
-    cluster.kubectl("patch", "configmap", SERVING_CONFIG, "--type=merge", "-p", json.dumps(patch))
+    # The rollout's own config store, plan and watch: load, then label stable=1 / canary=2,
+    # each step written with a resourceVersion precondition and waited for on the replica.
+    store = ConfigMapStore(cluster.namespace, SERVING_CONFIG)
+    state = rollout_plan.model_state(store.read().config, MODEL, versions_on_disk=[1, 2])
+    target = f"127.0.0.1:{served.grpc_port}"
+    for step in rollout_plan.steps_to(state, {"stable": 1, "canary": 2}):
+        update_config(store, lambda c, s=step.state: rollout_plan.apply_state(c, MODEL, s))
+        wait_for_state([target], MODEL, step.state, CONFIG_PROPAGATION_DEADLINE_S)
 
     images, _ = digits_test_images(8)
-    deadline = time.monotonic() + CONFIG_PROPAGATION_DEADLINE_S
-    served: dict[str, int] = {}
-    while time.monotonic() < deadline:
-        try:
-            served = {label: predict(served, images, label)[0] for label in ("stable", "canary")}
-        except grpc.RpcError:  # labels not known yet: the config has not arrived
-            served = {}
-        if served == {"stable": 1, "canary": 2}:
-            break
-        time.sleep(5)
-    assert served == {"stable": 1, "canary": 2}
+    served_versions = {label: predict(served, images, label)[0] for label in ("stable", "canary")}
+    assert served_versions == {"stable": 1, "canary": 2}
     # The pod was not restarted: the directory-mounted ConfigMap updated in place.
     pods = json.loads(
         cluster.kubectl("get", "pods", "-l", "app.kubernetes.io/component=serving", "-o", "json")

@@ -161,3 +161,19 @@ def test_gate_result_line_and_record():
 def test_traffic_stats_accuracy_of_no_calls_is_zero():
     assert TrafficStats().accuracy == 0.0
     assert math.isnan(TrafficStats().percentile(99))
+
+
+@pytest.mark.parametrize(
+    ("settings", "flag"),
+    [
+        ({"tolerance": -0.1}, "--tolerance"),
+        ({"tolerance": 1.0}, "--tolerance"),
+        ({"accuracy_floor": 1.5}, "--accuracy-floor"),
+        ({"latency_factor": 0}, "--latency-factor"),
+        ({"latency_slack_ms": -1}, "--latency-slack-ms"),
+        ({"infra_timeout": 0}, "--infra-timeout"),
+    ],
+)
+def test_out_of_range_thresholds_are_refused_naming_the_flag(settings, flag):
+    with pytest.raises(ValueError, match=f"^{flag} must be"):
+        GateSettings(**settings)
