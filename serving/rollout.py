@@ -48,6 +48,10 @@ class RolloutError(RuntimeError):
     left without saying so)."""
 
 
+class RolloutUsageError(RolloutError, ValueError):
+    """The verb lacks what it needs (servers to watch...); a usage error."""
+
+
 class ConcurrentChangeError(RolloutError):
     """The model's versions or labels changed under the rollout (another rollout, a hand edit)."""
 
@@ -109,7 +113,7 @@ class Rollout:
         for model in config.model_config_list.config:
             if model.name == self.model:
                 return Path(model.base_path)
-        raise RolloutError(f"{self.store.uri}: model {self.model!r} is not in the config")
+        raise RolloutUsageError(f"{self.store.uri}: model {self.model!r} is not in the config")
 
     def disk_versions(self, config: ModelServerConfig | None = None) -> list[VersionOnDisk]:
         return list_versions(self.repository(config))
@@ -177,7 +181,7 @@ class Rollout:
 
     def _need_servers(self, verb: str) -> None:
         if not self.servers:
-            raise RolloutError(f"rollout {verb}: give --servers to watch (HOST:PORT or dns:///)")
+            raise RolloutUsageError(f"{verb} needs --servers to watch (HOST:PORT or dns:///)")
 
     # --- verbs -----------------------------------------------------------------------------
 

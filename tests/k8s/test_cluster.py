@@ -12,7 +12,6 @@ CONVSTACK_REQUIRE_CLUSTER=1, as in CI).
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 import re
@@ -23,13 +22,11 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import grpc
 import numpy as np
 import pytest
 import yaml
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from client.tensors import to_ndarray, to_tensor_proto
+from client.sync_client import PredictionClient
 from convstack import k8s_render
 from serving import rollout_plan
 from serving.config_store import update_config
@@ -204,11 +201,6 @@ class PortForward:
     process: subprocess.Popen
     grpc_port: int
 
-    @functools.cached_property
-    def stub(self) -> prediction_service_pb2_grpc.PredictionServiceStub:
-        channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
-        return prediction_service_pb2_grpc.PredictionServiceStub(channel)
-
 
 @pytest.fixture(scope="module")
 def served(cluster, objects) -> Iterator[PortForward]:
@@ -252,18 +244,11 @@ def digits_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
 def predict(
     forward: PortForward, images: np.ndarray, label: str | None = None
 ) -> tuple[int, np.ndarray, np.ndarray]:
-    """(served version, probabilities, classes) from TF Serving's Predict."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = MODEL
-    if label:
-        request.model_spec.version_label = label
-    request.inputs["images"].CopyFrom(to_tensor_proto(images))
-    reply = forward.stub.Predict(request, timeout=60)
-    return (
-        reply.model_spec.version.value,
-        to_ndarray(reply.outputs["probabilities"]),
-        to_ndarray(reply.outputs["classes"]),
-    )
+    """(served version, probabilities, classes) through the convstack client."""
+    target = f"127.0.0.1:{forward.grpc_port}"
+    with PredictionClient(target, MODEL, version_label=label, timeout=60) as client:
+        prediction = client.predict(images)
+    return prediction.version, prediction["probabilities"], prediction["classes"]
 
 
 def test_the_trained_version_is_served_and_predicts(served):
