@@ -11,7 +11,6 @@ CONVSTACK_REQUIRE_CLUSTER=1, as in CI).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -28,6 +27,7 @@ import yaml
 
 from client.sync_client import PredictionClient
 from convstack import k8s_render
+from convstack.k8s_objects import in_namespace
 from serving import rollout_plan
 from serving.config_store import update_config
 from serving.configmap_store import ConfigMapStore
@@ -140,7 +140,7 @@ def cluster(reachable_cluster, objects) -> Iterator[Cluster]:
     """A fresh namespace with the overlay's claims; deleted afterwards."""
     namespace = f"convstack-e2e-{uuid.uuid4().hex[:6]}"
     cluster = Cluster(namespace)
-    in_namespace = [_into_namespace(o, namespace) for o in objects]
+    in_namespace = [in_namespace(o, namespace) for o in objects]
     cluster.apply([o for o in in_namespace if o["kind"] in ("Namespace", "PersistentVolumeClaim")])
     yield cluster
     if os.environ.get(KEEP_ENV) != "1":
@@ -151,18 +151,9 @@ def cluster(reachable_cluster, objects) -> Iterator[Cluster]:
         )
 
 
-def _into_namespace(obj: dict, namespace: str) -> dict:
-    obj = copy.deepcopy(obj)
-    if obj["kind"] == "Namespace":
-        obj["metadata"]["name"] = namespace
-    else:
-        obj["metadata"]["namespace"] = namespace
-    return obj
-
-
 def training_job(objects: list[dict], namespace: str, version: int) -> dict:
     """The overlay's Job, renamed per version, training briefly into its own run directory."""
-    job = _into_namespace(one(objects, "Job", "convstack-train"), namespace)
+    job = in_namespace(one(objects, "Job", "convstack-train"), namespace)
     job["metadata"]["name"] = f"convstack-train-v{version}"
     trainer = container(job, "trainer")
     args = [a for a in trainer["args"] if not a.startswith(("--run-dir=", "--epochs="))]
@@ -206,7 +197,7 @@ class PortForward:
 def served(cluster, objects) -> Iterator[PortForward]:
     """Version 1 trained, the serving stack applied and rolled out, and a port-forward to it."""
     train(cluster, objects, version=1)
-    stack = [_into_namespace(o, cluster.namespace) for o in objects if o["kind"] in SERVING_KINDS]
+    stack = [in_namespace(o, cluster.namespace) for o in objects if o["kind"] in SERVING_KINDS]
     cluster.apply(stack)
     result = subprocess.run(
         [

@@ -1,6 +1,7 @@
-"""`convstack k8s train` and `convstack k8s deploy` against the stand-in API server (the real
-`kubernetes` client over loopback HTTP; every object it receives is schema-validated), plus the
-launcher's pure decisions on plain dicts."""
+"""`convstack k8s train` and `convstack k8s deploy` end to end against the stand-in API server
+(the real `kubernetes` client over loopback HTTP; every object it receives is schema-validated).
+Their pure decisions are tested on plain dicts in test_training_plan, test_training_status and
+test_deploy."""
 
 from __future__ import annotations
 
@@ -10,13 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from convstack import k8s_launch
-from convstack.k8s_launch import (
+from convstack import k8s_launch, k8s_render
+from convstack.k8s_errors import (
     EXIT_API_ERROR,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -312,7 +312,7 @@ def test_an_unknown_overlay_is_a_usage_error(server, cli):
 
 
 def test_deploy_applies_the_serving_stack_and_waits_until_available(server, cli, caplog):
-    caplog.set_level(logging.INFO, logger="convstack.k8s_launch")
+    caplog.set_level(logging.INFO, logger="convstack")
     status, out, _ = cli("deploy", "--overlay", "local")
     assert status == EXIT_OK
     assert out.splitlines() == [
@@ -391,7 +391,7 @@ def test_a_second_deploy_keeps_what_a_rollout_wrote(server, cli, kubeconfig):
 
 
 def test_deploy_writes_a_missing_models_config(server, cli):
-    rendered = k8s_launch.k8s_render.render("local")
+    rendered = k8s_render.render("local")
     config_map = one(rendered, "ConfigMap", SERVING_CONFIG)
     del config_map["data"]["models.config"]
     server.seed(config_map, manager="kubectl")
@@ -414,247 +414,3 @@ def test_deploy_into_another_namespace(server, cli):
     assert status == EXIT_OK
     assert [n["metadata"]["name"] for n in server.of_kind("Namespace")] == ["team-a"]
     assert {o["metadata"]["namespace"] for o in server.of_kind("Deployment")} == {"team-a"}
-
-
-# -- pure decisions --------------------------------------------------------------------------
-
-
-def test_unique_job_names_fit_kubernetes_limits():
-    now = datetime(2025, 3, 4, 5, 6, 7, tzinfo=timezone.utc)
-    assert k8s_launch.unique_job_name("convstack-train", now, "ab12") == (
-        "convstack-train-20250304-050607-ab12"
-    )
-    with pytest.raises(k8s_launch.LaunchError, match=r"--name-prefix .* is too long"):
-        k8s_launch.unique_job_name("x" * 40, now, "ab12")
-
-
-def test_trainer_args_replace_flags_of_the_same_name():
-    base = ["--data=digits", "--epochs=10", "--progress=log"]
-    assert k8s_launch.merge_trainer_args(base, ["--epochs", "3", "--fast"]) == [
-        "--data=digits",
-        "--progress=log",
-        "--epochs",
-        "3",
-        "--fast",
-    ]
-
-
-def test_a_given_run_dir_is_kept(rendered):
-    plan = k8s_launch.plan_training(
-        rendered["local"], name="j", image="i", trainer_args=["--run-dir=/runs/old"], namespace="ns"
-    )
-    assert container(plan.job, "trainer")["args"].count("--run-dir=/runs/old") == 1
-    assert not any(a == "--run-dir=/runs/digits" for a in container(plan.job, "trainer")["args"])
-
-
-def test_serving_objects_leave_training_out(rendered):
-    chosen = k8s_launch.serving_objects(rendered["multiworker"])
-    assert chosen[0]["kind"] == "Namespace"
-    names = {(o["kind"], o["metadata"]["name"]) for o in chosen}
-    assert ("Service", "convstack-train-mw") not in names
-    assert not any(kind == "Job" or name.startswith("convstack-tf-config") for kind, name in names)
-    assert ("ConfigMap", SERVING_CONFIG) in names
-
-
-def pod(
-    name: str,
-    created: str,
-    exit_code: int,
-    reason: str = "Error",
-    disrupted: bool = False,
-    memory: str = "3Gi",
-) -> dict:
-    conditions = (
-        [
-            {
-                "type": "DisruptionTarget",
-                "status": "True",
-                "reason": "EvictionByEvictionAPI",
-                "message": "Eviction API: evicting",
-            }
-        ]
-        if disrupted
-        else []
-    )
-    return {
-        "metadata": {"name": name, "creationTimestamp": created},
-        "spec": {"containers": [{"name": "trainer", "resources": {"limits": {"memory": memory}}}]},
-        "status": {
-            "conditions": conditions,
-            "containerStatuses": [
-                {
-                    "name": "trainer",
-                    "state": {"terminated": {"exitCode": exit_code, "reason": reason}},
-                }
-            ],
-        },
-    }
-
-
-def job(state: str, reason: str = "", message: str = "") -> dict:
-    return {
-        "metadata": {"name": "j", "namespace": "ns"},
-        "status": {
-            "conditions": [{"type": state, "status": "True", "reason": reason, "message": message}]
-        },
-    }
-
-
-@pytest.mark.parametrize(
-    ("the_job", "pods", "status", "phrase"),
-    [
-        (job("Complete"), [pod("a", "1", 0, "Completed")], EXIT_OK, "Job ns/j succeeded"),
-        (
-            job("Complete"),
-            [pod("a", "1", 143, disrupted=True), pod("b", "2", 0, "Completed")],
-            EXIT_OK,
-            "succeeded after 1 preemption(s)",
-        ),
-        (
-            job("Complete"),
-            [pod("a", "1", 1), pod("b", "2", 0, "Completed")],
-            EXIT_OK,
-            "succeeded and 1 failed attempt(s)",
-        ),
-        (
-            job("Failed", "PodFailurePolicy", "Container trainer ... exit code 2"),
-            [pod("a", "1", 2)],
-            EXIT_BAD_INPUT,
-            "failed on bad input",
-        ),
-        (
-            job("Failed", "BackoffLimitExceeded"),
-            [pod("a", "1", 1), pod("b", "2", 137, "OOMKilled")],
-            EXIT_OOM_KILLED,
-            "b was OOMKilled (memory limit 3Gi)",
-        ),
-        (
-            job("Failed", "DeadlineExceeded"),
-            [pod("a", "1", 75)],
-            EXIT_PREEMPTED,
-            "ended while preempted",
-        ),
-        (
-            job("Failed", "DeadlineExceeded"),
-            [pod("a", "1", 137, disrupted=True)],
-            EXIT_PREEMPTED,
-            "disrupted: EvictionByEvictionAPI",
-        ),
-        (
-            job("Failed", "BackoffLimitExceeded"),
-            [pod("b", "2", 1), pod("a", "1", 137, "OOMKilled")],
-            EXIT_FAILED,
-            "b: trainer exited 1 (Error) (BackoffLimitExceeded)",
-        ),
-        (
-            job("Failed", "DeadlineExceeded", "Job was active longer"),
-            [],
-            EXIT_FAILED,
-            "failed: DeadlineExceeded: Job was active longer",
-        ),
-    ],
-)
-def test_training_outcome(the_job, pods, status, phrase):
-    outcome = k8s_launch.training_outcome(the_job, pods)
-    assert outcome.exit_status == status
-    assert phrase in outcome.summary
-
-
-@pytest.mark.parametrize(
-    ("deployment", "done", "failed", "phrase"),
-    [
-        (
-            {"metadata": {"generation": 3}, "status": {"observedGeneration": 2}},
-            False,
-            False,
-            "waiting for the controller",
-        ),
-        (
-            {
-                "metadata": {"generation": 3},
-                "spec": {"replicas": 3},
-                "status": {"observedGeneration": 3, "replicas": 3, "updatedReplicas": 1},
-            },
-            False,
-            False,
-            "1 of 3 replicas updated",
-        ),
-        (
-            {
-                "metadata": {"generation": 3},
-                "spec": {"replicas": 2},
-                "status": {"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2},
-            },
-            False,
-            False,
-            "1 old replica(s) terminating",
-        ),
-        (
-            {
-                "metadata": {"generation": 3},
-                "spec": {"replicas": 2},
-                "status": {
-                    "observedGeneration": 3,
-                    "replicas": 2,
-                    "updatedReplicas": 2,
-                    "availableReplicas": 1,
-                },
-            },
-            False,
-            False,
-            "1 of 2 updated replicas available",
-        ),
-        (
-            {
-                "metadata": {"generation": 3},
-                "spec": {"replicas": 2},
-                "status": {
-                    "observedGeneration": 3,
-                    "replicas": 2,
-                    "updatedReplicas": 2,
-                    "availableReplicas": 2,
-                },
-            },
-            True,
-            False,
-            "is available: 2/2",
-        ),
-        (
-            {
-                "metadata": {"generation": 3},
-                "status": {
-                    "observedGeneration": 3,
-                    "conditions": [
-                        {
-                            "type": "Progressing",
-                            "status": "False",
-                            "reason": "ProgressDeadlineExceeded",
-                            "message": "timed out",
-                        }
-                    ],
-                },
-            },
-            True,
-            True,
-            "progress deadline: timed out",
-        ),
-    ],
-)
-def test_rollout_state(deployment, done, failed, phrase):
-    deployment["metadata"].update(name="d", namespace="ns")
-    state = k8s_launch.rollout_state(deployment)
-    assert (state.done, state.failed) == (done, failed)
-    assert phrase in state.message
-
-
-def test_field_owners_reads_managed_fields():
-    obj = {
-        "metadata": {
-            "managedFields": [
-                {"manager": "convstack", "fieldsV1": {"f:data": {"f:batching.config": {}}}},
-                {"manager": "convstack-rollout", "fieldsV1": {"f:data": {"f:models.config": {}}}},
-            ]
-        }
-    }
-    assert k8s_launch.field_owners(obj, "data", "models.config") == ["convstack-rollout"]
-    assert k8s_launch.field_owners(obj, "data", "other") == []

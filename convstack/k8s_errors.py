@@ -1,0 +1,54 @@
+"""How `convstack k8s train` and `convstack k8s deploy` fail: LaunchError and the exit statuses
+both commands share (listed in their --help by EXIT_STATUS_HELP)."""
+
+from __future__ import annotations
+
+# The trainer's exit codes are the contract the Jobs' podFailurePolicy acts on.
+from trainer.errors import EXIT_BAD_INPUT as TRAINER_BAD_INPUT
+from trainer.errors import EXIT_PREEMPTED as TRAINER_PREEMPTED
+
+__all__ = [
+    "EXIT_API_ERROR",
+    "EXIT_BAD_INPUT",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_OOM_KILLED",
+    "EXIT_PREEMPTED",
+    "EXIT_STATUS_HELP",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "TRAINER_BAD_INPUT",
+    "TRAINER_PREEMPTED",
+    "LaunchError",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_OOM_KILLED = 4
+EXIT_PREEMPTED = 5
+EXIT_TIMEOUT = 6
+EXIT_API_ERROR = 7
+EXIT_INTERRUPTED = 130
+
+EXIT_STATUS_HELP = f"""\
+exit status:
+  {EXIT_OK}  success (train: the Job completed, or was created with --no-follow;
+     deploy: the Deployment is available)
+  {EXIT_FAILED}  the Job failed (the trainer's exit code and reason are reported), or the
+     Deployment exceeded its progress deadline
+  {EXIT_USAGE}  bad usage (unknown overlay, bad flags)
+  {EXIT_BAD_INPUT}  bad input: the trainer exited {TRAINER_BAD_INPUT}, and the podFailurePolicy
+     failed the Job at once
+  {EXIT_OOM_KILLED}  the trainer was OOMKilled (raise the memory limit or lower --batch-size)
+  {EXIT_PREEMPTED}  the Job ended while its pod was preempted/evicted (DisruptionTarget or exit
+     {TRAINER_PREEMPTED}); rerun with the same --run-dir to resume from the checkpoint
+  {EXIT_TIMEOUT}  --timeout passed; the Job or rollout goes on in the cluster
+  {EXIT_API_ERROR}  a Kubernetes API or rendering error (no cluster, forbidden, conflict, ...)
+"""
+
+
+class LaunchError(RuntimeError):
+    """The overlay cannot be launched as asked; the message is one line."""
