@@ -3,8 +3,10 @@
 Measures, in one run on this machine: the floor (the in-process `LoadedVersion.run` call, no
 transport), then Predict over gRPC and REST on loopback against `convstack serve` subprocesses
 without and with server-side batching, at batch 1 and 32 and concurrency 1 and 32 (closed loop,
-client.loadgen). Reports latency, throughput, each p50 over the floor at the same batch, the
-batching speed-up, and two goals. A benchmark, not a test: it reports, never fails on a number.
+client.loadgen); both servers run with the same TensorFlow thread pools (--server-intra-op-threads,
+--server-inter-op-threads). Reports latency, throughput, each p50 over the floor at the same
+batch, the batching speed-up, and two goals. A benchmark, not a test: it reports, never fails on
+a number.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.cli import thread_count
 from serving.process import ServerProcess, ServerProcessError, free_ports  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,16 @@ BATCHING_PARAMETERS = {
     "max_enqueued_batches": 64,
 }
 SERVER_KINDS = {"unbatched": False, "batched": True}
+# Both servers get the same TensorFlow thread pools, so the comparison stays fair. One thread
+# each: with TensorFlow's defaults (a pool thread per core) the pools compete for this machine's
+# two cores with the event loop and the load client, and this small model gains nothing from
+# them (measured: server CPU per request ~10-25% lower than with the defaults).
+DEFAULT_SERVER_INTRA_OP_THREADS = 1
+DEFAULT_SERVER_INTER_OP_THREADS = 1
+# The line the embedded server logs once its models loaded (serving/server.py).
+_THREADS_LOGGED = re.compile(
+    r"TensorFlow thread pools: intra_op_parallelism=(\d+) inter_op_parallelism=(\d+)"
+)
 GOAL_OVERHEAD_MS = 1.0
 GOAL_BATCHING_SPEEDUP = 2.0
 FLOOR_MIN_CALLS = 20
@@ -71,6 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--duration", type=float, default=5.0, help="seconds per measurement (default 5)"
+    )
+    parser.add_argument(
+        "--server-intra-op-threads",
+        type=thread_count,
+        default=DEFAULT_SERVER_INTRA_OP_THREADS,
+        metavar="N",
+        help="both servers' --tensorflow_intra_op_parallelism; 0: TensorFlow decides "
+        f"(default {DEFAULT_SERVER_INTRA_OP_THREADS})",
+    )
+    parser.add_argument(
+        "--server-inter-op-threads",
+        type=thread_count,
+        default=DEFAULT_SERVER_INTER_OP_THREADS,
+        metavar="N",
+        help="both servers' --tensorflow_inter_op_parallelism; 0: TensorFlow decides "
+        f"(default {DEFAULT_SERVER_INTER_OP_THREADS})",
     )
     parser.add_argument(
         "--out",
@@ -213,20 +243,45 @@ def _load_with_cpu(spec, server_pid: int):
     }
 
 
-def _run_server(kind, model_name, model_dir, workdir, inputs_by_batch, duration) -> dict:
-    flags = []
+def server_flags(kind: str, workdir: Path, threads: dict[str, int]) -> list[str]:
+    """`convstack serve` flags of one server kind: the thread pools, and batching if batched."""
+    flags = [
+        f"--tensorflow_intra_op_parallelism={threads['intra_op']}",
+        f"--tensorflow_inter_op_parallelism={threads['inter_op']}",
+    ]
     if SERVER_KINDS[kind]:
         path = write_batching_parameters(workdir / "batching.config", BATCHING_PARAMETERS)
-        flags = ["--enable_batching", f"--batching_parameters_file={path}"]
+        flags += ["--enable_batching", f"--batching_parameters_file={path}"]
+    return flags
+
+
+def reported_threads(log_text: str) -> dict[str, int] | None:
+    """The thread pools a server said its TensorFlow runs with, from its log (None if absent)."""
+    match = _THREADS_LOGGED.search(log_text)
+    return {"intra_op": int(match[1]), "inter_op": int(match[2])} if match else None
+
+
+def _run_server(kind, model_name, model_dir, workdir, inputs_by_batch, duration, threads) -> dict:
+    flags = server_flags(kind, workdir, threads)
     server = ServerProcess.start(model_name, model_dir, workdir / f"{kind}.log", flags)
     try:
         server.wait_available(model_name)
+        reported = reported_threads(server.log_path.read_text(errors="replace"))
+        if reported != threads:
+            log.warning(
+                "the %s server reports TensorFlow threads %s, not %s", kind, reported, threads
+            )
         measurements = _measure_server(kind, server, model_name, inputs_by_batch, duration)
     finally:
         exit_code = server.stop()
     if exit_code != 0:
         log.error("the %s server exited with %s:\n%s", kind, exit_code, server.log_tail())
-    return {"flags": flags, "exit_code": exit_code, "measurements": measurements}
+    return {
+        "flags": flags,
+        "tensorflow_threads_reported": reported,
+        "exit_code": exit_code,
+        "measurements": measurements,
+    }
 
 
 def _p50(entry: dict) -> float:
@@ -318,14 +373,35 @@ def _measure_all(args, loaded, model_dir: Path):
     for batch, inputs in inputs_by_batch.items():
         floor[str(batch)] = measure_floor(loaded, inputs, args.duration)
         log.info("floor b%d: p50 %.3f ms", batch, floor[str(batch)]["latency_ms"]["p50"])
+    threads = server_threads(args)
     servers, measurements = {}, []
     with tempfile.TemporaryDirectory(prefix="convstack-bench-serve-") as workdir:
         for kind in SERVER_KINDS:
             servers[kind] = _run_server(
-                kind, args.model_name, model_dir, Path(workdir), inputs_by_batch, args.duration
+                kind,
+                args.model_name,
+                model_dir,
+                Path(workdir),
+                inputs_by_batch,
+                args.duration,
+                threads,
             )
             measurements += servers[kind].pop("measurements")
     return floor, servers, measurements
+
+
+def server_threads(args: argparse.Namespace) -> dict[str, int]:
+    """The TensorFlow thread pools both servers run with."""
+    return {"intra_op": args.server_intra_op_threads, "inter_op": args.server_inter_op_threads}
+
+
+def _floor_threads() -> dict[str, int]:
+    import tensorflow as tf
+
+    return {
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -353,6 +429,13 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "load": "closed loop (client.loadgen), one request per worker at a time",
         "machine": machine_info() | {"load_average_before": load_before},
         "batching_parameters": BATCHING_PARAMETERS,
+        "tensorflow_threads": {
+            "servers": server_threads(args),
+            "floor": _floor_threads(),
+            "note": "TensorFlow's intra-op and inter-op thread pools; 0: TensorFlow decides "
+            "(about one thread per core each). Both servers run with the same; the floor runs "
+            "in this process with TensorFlow's defaults",
+        },
         "servers": servers,
         "floor": floor,
         "measurements": measurements,
@@ -407,7 +490,24 @@ def summary_table(report: dict) -> str:
     for name, goal in report["goals"].items():
         verdict = "met" if goal["met"] else "NOT met"
         rows.append(f"goal {name} {goal['target']}: measured {_fmt(goal['measured'])}, {verdict}")
+    rows.append(_threads_text(report))
     return "\n".join(rows)
+
+
+def _threads_text(report: dict) -> str:
+    def pools(threads: dict | None) -> str:
+        return "unknown" if threads is None else f"{threads['intra_op']}/{threads['inter_op']}"
+
+    threads = report["tensorflow_threads"]
+    reported = ", ".join(
+        f"{kind} {pools(server['tensorflow_threads_reported'])}"
+        for kind, server in report["servers"].items()
+    )
+    return (
+        f"TensorFlow threads intra/inter-op (0: TensorFlow decides): servers "
+        f"{pools(threads['servers'])} (reported: {reported}), in-process floor "
+        f"{pools(threads['floor'])}"
+    )
 
 
 def write_plot(report: dict, path: Path) -> Path:

@@ -124,6 +124,29 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     parser.flag("request_threads", type=int, default=4, help="threads running unbatched requests")
     parser.flag(
+        "tensorflow_intra_op_parallelism",
+        type=thread_count,
+        default=0,
+        metavar="N",
+        help="threads that share the work of one TensorFlow op; 0: TensorFlow decides "
+        "(one per core, the default)",
+    )
+    parser.flag(
+        "tensorflow_inter_op_parallelism",
+        type=thread_count,
+        default=0,
+        metavar="N",
+        help="threads running independent TensorFlow ops at once; 0: TensorFlow decides "
+        "(the default)",
+    )
+    parser.flag(
+        "tensorflow_session_parallelism",
+        type=thread_count,
+        default=0,
+        metavar="N",
+        help="both of the above, used only when neither is given (TF Serving's rule)",
+    )
+    parser.flag(
         "shutdown_grace_seconds",
         type=float,
         default=10.0,
@@ -134,6 +157,41 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 class UsageError(ValueError):
     """Bad flags or files; one line, exit status 2."""
+
+
+def thread_count(text: str) -> int:
+    """A thread count for TensorFlow: 0 (TensorFlow decides) or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (TensorFlow decides) or more, not {value}")
+    return value
+
+
+def tensorflow_threads_from_args(args):
+    """The embedded server's TensorFlow thread pools, by TF Serving's rules (server.cc): the
+    intra/inter-op flags win when either is set, else the session flag sets both; all three
+    at once is an error."""
+    from serving.server import TensorFlowThreads
+
+    intra, inter = args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism
+    session = args.tensorflow_session_parallelism
+    if intra and inter and session:
+        raise UsageError(
+            "give --tensorflow_session_parallelism or --tensorflow_intra_op_parallelism and "
+            "--tensorflow_inter_op_parallelism, not all three (as TF Serving)"
+        )
+    if intra or inter:
+        if session:
+            logging.getLogger("serving").warning(
+                "--tensorflow_session_parallelism=%d ignored: --tensorflow_intra_op_parallelism "
+                "or --tensorflow_inter_op_parallelism is set (as in TF Serving)",
+                session,
+            )
+        return TensorFlowThreads(intra_op=intra, inter_op=inter)
+    return TensorFlowThreads(intra_op=session, inter_op=session)
 
 
 def model_config_from_args(args):
@@ -242,6 +300,7 @@ def server_options(args):
         grpc_max_message_bytes=args.max_message_bytes,
         max_concurrent_requests=args.max_concurrent_requests,
         request_threads=args.request_threads,
+        tensorflow_threads=tensorflow_threads_from_args(args),
         rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         tls=tls_from_args(args),
@@ -307,6 +366,7 @@ def serve_main(argv: list[str]) -> int:
 def _exec_tfserving(args, where: str) -> int:
     from serving import model_config
 
+    tensorflow_threads_from_args(args)  # the same one-line error TF Serving would exit with
     config_path = args.model_config_file
     if not config_path:  # TF Serving gets the same single-model config as a file
         config = model_config_from_args(args)
@@ -328,6 +388,9 @@ def _exec_tfserving(args, where: str) -> int:
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
         ssl_config_file=_path(args.ssl_config_file),
         host=args.host,
+        tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+        tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+        tensorflow_session_parallelism=args.tensorflow_session_parallelism,
     )
     if where == "docker":
         config = model_config.load_model_config(config_path)

@@ -37,6 +37,10 @@ class TfServingFlags:
     rest_api_timeout_in_ms: int = 30_000
     ssl_config_file: Path | None = None
     host: str = "0.0.0.0"
+    # 0 leaves the choice to TensorFlow, as TF Serving's own defaults do.
+    tensorflow_intra_op_parallelism: int = 0
+    tensorflow_inter_op_parallelism: int = 0
+    tensorflow_session_parallelism: int = 0
 
     def arguments(self) -> list[str]:
         args = [
@@ -61,6 +65,13 @@ class TfServingFlags:
             args.append("--allow_version_labels_for_unavailable_models=true")
         if self.ssl_config_file:
             args.append(f"--ssl_config_file={self.ssl_config_file}")
+        for name in (
+            "tensorflow_intra_op_parallelism",
+            "tensorflow_inter_op_parallelism",
+            "tensorflow_session_parallelism",
+        ):
+            if getattr(self, name):
+                args.append(f"--{name}={getattr(self, name)}")
         return args
 
 

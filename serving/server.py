@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import tensorflow as tf
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving.batching import BatchingParameters
+from serving.errors import FailedPrecondition
 from serving.grpc_api import ModelServicer, PredictionServicer
 from serving.inference import InferenceService
 from serving.manager import ModelManager
@@ -43,6 +45,42 @@ class TlsOptions:
         )
 
 
+@dataclass(frozen=True)
+class TensorFlowThreads:
+    """TensorFlow's two CPU thread pools in the server process (TF Serving's
+    --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism); 0 lets TensorFlow
+    decide (about one thread per core each)."""
+
+    intra_op: int = 0
+    inter_op: int = 0
+
+    def apply(self) -> None:
+        """Size the pools. TensorFlow reads this once, when its runtime starts (the first op or
+        model load), so this must come before; FailedPrecondition if it is too late."""
+        threading = tf.config.threading
+        running = TensorFlowThreads.current()
+        try:
+            # Only what differs: TensorFlow refuses any set once it runs, even of the same value.
+            if self.intra_op != running.intra_op:
+                threading.set_intra_op_parallelism_threads(self.intra_op)
+            if self.inter_op != running.inter_op:
+                threading.set_inter_op_parallelism_threads(self.inter_op)
+        except RuntimeError as exc:
+            raise FailedPrecondition(
+                f"cannot size TensorFlow's thread pools to intra_op {self.intra_op}, inter_op "
+                f"{self.inter_op}: TensorFlow already runs in this process with intra_op "
+                f"{running.intra_op}, inter_op {running.inter_op}"
+            ) from exc
+
+    @staticmethod
+    def current() -> TensorFlowThreads:
+        """What TensorFlow in this process is configured with (0: TensorFlow decides)."""
+        return TensorFlowThreads(
+            tf.config.threading.get_intra_op_parallelism_threads(),
+            tf.config.threading.get_inter_op_parallelism_threads(),
+        )
+
+
 @dataclass
 class ServerOptions:
     model_config: object  # ModelServerConfig
@@ -60,6 +98,7 @@ class ServerOptions:
     grpc_max_message_bytes: int = 256 * 1024 * 1024
     max_concurrent_requests: int = 1024
     request_threads: int = 4
+    tensorflow_threads: TensorFlowThreads = field(default_factory=TensorFlowThreads)
     rest_timeout_seconds: float = 30.0
     shutdown_grace_seconds: float = 10.0
     tls: TlsOptions | None = None
@@ -95,8 +134,17 @@ class EmbeddedServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.options.tensorflow_threads.apply()  # before the first load starts TensorFlow
         # TF Serving opens its ports only after the initial models have loaded (or failed).
         await loop.run_in_executor(None, self.manager.start)
+        # Read back once TensorFlow runs: what the models really got.
+        threads = TensorFlowThreads.current()
+        log.info(
+            "TensorFlow thread pools: intra_op_parallelism=%d inter_op_parallelism=%d "
+            "(0: TensorFlow decides)",
+            threads.intra_op,
+            threads.inter_op,
+        )
         # TensorFlow leaves a very large heap of long-lived objects; without this, full
         # collections walk it and stall requests for ~200 ms (seen on REST bodies of 0.5 MB).
         gc.freeze()

@@ -14,7 +14,10 @@ from serving.bench import (
     PROTOCOLS,
     SERVER_KINDS,
     bench_main,
+    build_parser,
     evaluate_goals,
+    reported_threads,
+    server_flags,
 )
 from tests.serving.helpers import make_model_dir
 
@@ -52,12 +55,34 @@ def test_goals_are_judged_against_their_targets(overhead, speedup, met):
     ) == met
 
 
+def test_both_servers_get_the_same_thread_flags_default_one_each(tmp_path):
+    args = build_parser().parse_args([])
+    threads = {"intra_op": args.server_intra_op_threads, "inter_op": args.server_inter_op_threads}
+    assert threads == {"intra_op": 1, "inter_op": 1}
+    flags = {kind: server_flags(kind, tmp_path, threads) for kind in SERVER_KINDS}
+    expected = ["--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=1"]
+    for kind_flags in flags.values():
+        assert [f for f in kind_flags if f.startswith("--tensorflow_")] == expected
+    assert "--enable_batching" in flags["batched"]
+    assert "--enable_batching" not in flags["unbatched"]
+
+
+def test_reported_threads_come_from_the_server_log():
+    line = (
+        "2026-01-01 00:00:00,000 INFO serving.server: TensorFlow thread pools: "
+        "intra_op_parallelism=1 inter_op_parallelism=0 (0: TensorFlow decides)\n"
+    )
+    assert reported_threads("noise\n" + line) == {"intra_op": 1, "inter_op": 0}
+    assert reported_threads("a server that never said\n") is None
+
+
 @pytest.mark.slow
 def test_short_run_writes_every_measurement_ratio_and_goal(tmp_path, capsys):
     make_model_dir(tmp_path / "models")
     out = tmp_path / "results" / "serve.json"
     argv = ["--model-base", str(tmp_path / "models"), "--model-name", "tiny"]
-    code = bench_main([*argv, "--duration", "0.2", "--out", str(out)])
+    threads = ["--server-intra-op-threads", "2", "--server-inter-op-threads", "1"]
+    code = bench_main([*argv, *threads, "--duration", "0.2", "--out", str(out)])
 
     assert code == 0
     report = json.loads(out.read_text())
@@ -67,6 +92,10 @@ def test_short_run_writes_every_measurement_ratio_and_goal(tmp_path, capsys):
         "unbatched": 0,
         "batched": 0,
     }
+    # The option reached both servers, and each says its TensorFlow ran with it.
+    assert report["tensorflow_threads"]["servers"] == {"intra_op": 2, "inter_op": 1}
+    for server in report["servers"].values():
+        assert server["tensorflow_threads_reported"] == {"intra_op": 2, "inter_op": 1}
     assert set(report["floor"]) == {str(batch) for batch in BATCH_SIZES}
     for floor in report["floor"].values():
         assert floor["calls"] > 0 and floor["latency_ms"]["p50"] > 0
@@ -92,3 +121,4 @@ def test_short_run_writes_every_measurement_ratio_and_goal(tmp_path, capsys):
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     printed = capsys.readouterr().out
     assert "grpc/batched/b1/c32" in printed and "goal grpc_batch1_p50_overhead_ms" in printed
+    assert "servers 2/1 (reported: unbatched 2/1, batched 2/1)" in printed

@@ -201,3 +201,85 @@ def test_ssl_config_file_is_read_like_tf_serving(tmp_path):
     path.write_text('server_cert: "c"\n')
     with pytest.raises(UsageError, match="needs server_key"):
         tls_from_ssl_config(path)
+
+
+def test_tensorflow_thread_flags_take_either_spelling_and_default_to_tensorflow_deciding():
+    from serving.cli import tensorflow_threads_from_args
+    from serving.server import TensorFlowThreads
+
+    parser = build_serve_parser()
+    defaults = parser.parse_args([])
+    assert tensorflow_threads_from_args(defaults) == TensorFlowThreads(0, 0)
+    a = parser.parse_args(
+        ["--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=2"]
+    )
+    b = parser.parse_args(
+        ["--tensorflow-intra-op-parallelism", "1", "--tensorflow-inter-op-parallelism", "2"]
+    )
+    assert vars(a) == vars(b)
+    assert tensorflow_threads_from_args(a) == TensorFlowThreads(intra_op=1, inter_op=2)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--tensorflow_session_parallelism=3"], (3, 3)),
+        # TF Serving's rule: either pool flag set, the session flag is ignored.
+        (["--tensorflow_session_parallelism=3", "--tensorflow_intra_op_parallelism=1"], (1, 0)),
+        (["--tensorflow_inter_op_parallelism=2"], (0, 2)),
+    ],
+)
+def test_session_parallelism_follows_tf_serving_rules(argv, expected):
+    from serving.cli import tensorflow_threads_from_args
+
+    threads = tensorflow_threads_from_args(build_serve_parser().parse_args(argv))
+    assert (threads.intra_op, threads.inter_op) == expected
+
+
+def test_all_three_thread_flags_or_a_negative_count_are_usage_errors(capsys):
+    from serving.cli import UsageError, tensorflow_threads_from_args
+
+    args = build_serve_parser().parse_args(
+        [
+            "--tensorflow_session_parallelism=1",
+            "--tensorflow_intra_op_parallelism=1",
+            "--tensorflow_inter_op_parallelism=1",
+        ]
+    )
+    with pytest.raises(UsageError, match="not all three"):
+        tensorflow_threads_from_args(args)
+    with pytest.raises(SystemExit) as exit_info:
+        build_serve_parser().parse_args(["--tensorflow_intra_op_parallelism=-1"])
+    assert exit_info.value.code == 2
+    assert "must be 0 (TensorFlow decides) or more" in capsys.readouterr().err
+
+
+def test_thread_pools_cannot_change_once_tensorflow_runs():
+    import tensorflow as tf
+
+    from serving.errors import FailedPrecondition
+    from serving.server import TensorFlowThreads
+
+    assert float(tf.constant(1.0) + 1.0) == 2.0  # the pytest process's TensorFlow runs
+    running = TensorFlowThreads.current()
+    running.apply()  # what already runs is accepted
+    with pytest.raises(FailedPrecondition, match="already runs in this process"):
+        TensorFlowThreads(running.intra_op + 1, running.inter_op).apply()
+    assert TensorFlowThreads.current() == running
+
+
+@pytest.mark.slow
+def test_embedded_server_runs_tensorflow_with_the_thread_flags(tmp_path):
+    from serving.process import ServerProcess
+    from tests.serving.helpers import MODEL_NAME, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "models")
+    flags = ["--tensorflow_intra_op_parallelism=1", "--tensorflow-inter-op-parallelism=2"]
+    server = ServerProcess.start(MODEL_NAME, model_dir, tmp_path / "serve.log", flags)
+    try:
+        server.wait_available(MODEL_NAME)
+    finally:
+        assert server.stop() == 0, server.log_tail()
+    # Logged after the model loaded: TensorFlow was running by then, with these pools.
+    logged = server.log_path.read_text()
+    assert "TensorFlow thread pools: intra_op_parallelism=1 inter_op_parallelism=2" in logged

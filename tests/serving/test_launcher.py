@@ -72,3 +72,55 @@ def test_docker_client_without_engine_is_not_a_backend(monkeypatch, tmp_path):
         pytest.skip("a real tensorflow_model_server is installed here")
     assert launcher.docker_engine_answers() is False
     assert choose_backend("auto") == ("embedded", None)
+
+
+def test_thread_flags_pass_through_to_tf_serving_only_when_set():
+    default = launcher.binary_command("tfs", flags())
+    assert not any(arg.startswith("--tensorflow_") for arg in default)
+    command = launcher.binary_command(
+        "tfs",
+        flags(
+            tensorflow_intra_op_parallelism=1,
+            tensorflow_inter_op_parallelism=2,
+            tensorflow_session_parallelism=3,
+        ),
+    )
+    assert [arg for arg in command if arg.startswith("--tensorflow_")] == [
+        "--tensorflow_intra_op_parallelism=1",
+        "--tensorflow_inter_op_parallelism=2",
+        "--tensorflow_session_parallelism=3",
+    ]
+    in_docker = launcher.docker_command(flags(tensorflow_intra_op_parallelism=4), [])
+    image_index = in_docker.index(launcher.TFSERVING_IMAGE)
+    assert "--tensorflow_intra_op_parallelism=4" in in_docker[image_index:]
+
+
+@pytest.mark.slow
+def test_serve_hands_the_thread_flags_to_tf_serving_unchanged(tmp_path):
+    import subprocess
+
+    from tests.loopback import EMBEDDED_SERVE
+
+    argv_file = tmp_path / "argv"
+    stand_in = tmp_path / "tensorflow_model_server"  # records the command line it was given
+    stand_in.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
+    stand_in.chmod(0o755)
+    serve = [a for a in EMBEDDED_SERVE if a != "--backend=embedded"]
+    result = subprocess.run(
+        [
+            *serve,
+            "--backend=tfserving",
+            f"--model_config_file={tmp_path / 'models.config'}",
+            "--tensorflow-intra-op-parallelism=1",
+            "--tensorflow_session_parallelism=3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, launcher.BINARY_ENV: str(stand_in)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    forwarded = argv_file.read_text().splitlines()
+    assert "--tensorflow_intra_op_parallelism=1" in forwarded
+    assert "--tensorflow_session_parallelism=3" in forwarded
+    assert not any(arg.startswith("--tensorflow_inter_op") for arg in forwarded)
