@@ -1,6 +1,7 @@
 """End to end on a real cluster (kind in CI, see .github/workflows/kind-e2e.yml): the `local`
-overlay, rendered as `make k8s-render` renders it, trains a model as a Job, serves it with
-tensorflow/serving, answers Predict, then rolls a second version out through the ConfigMap.
+overlay, rendered as `make k8s-render` renders it, trains a model as a Job (`convstack k8s
+train`), serves it with tensorflow/serving (`convstack k8s deploy`), answers Predict through the
+convstack client, then rolls a second version out through the rollout's ConfigMap store.
 
 Run with `pytest -m cluster` and KUBECONFIG pointing at a cluster that can pull (or has loaded)
 the trainer image ($CONVSTACK_TRAINER_IMAGE, default the overlay's) and tensorflow/serving.
@@ -16,7 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ import yaml
 
 from client.sync_client import PredictionClient
 from convstack import k8s_render
+from convstack.k8s_launch import deploy_main, train_main
 from convstack.k8s_objects import in_namespace
 from serving import rollout_plan
 from serving.config_store import update_config
@@ -49,13 +50,6 @@ JOB_DEADLINE_S = 1800
 ROLLOUT_DEADLINE_S = 900
 # kubelet syncs ConfigMap volumes within about a minute, then TF Serving polls models.config.
 CONFIG_PROPAGATION_DEADLINE_S = 300
-SERVING_KINDS = {
-    "ConfigMap",
-    "Deployment",
-    "Service",
-    "PodDisruptionBudget",
-    "HorizontalPodAutoscaler",
-}
 
 
 def cluster_unavailable_reason() -> str | None:
@@ -140,8 +134,8 @@ def cluster(reachable_cluster, objects) -> Iterator[Cluster]:
     """A fresh namespace with the overlay's claims; deleted afterwards."""
     namespace = f"convstack-e2e-{uuid.uuid4().hex[:6]}"
     cluster = Cluster(namespace)
-    in_namespace = [in_namespace(o, namespace) for o in objects]
-    cluster.apply([o for o in in_namespace if o["kind"] in ("Namespace", "PersistentVolumeClaim")])
+    placed = [in_namespace(o, namespace) for o in objects]
+    cluster.apply([o for o in placed if o["kind"] in ("Namespace", "PersistentVolumeClaim")])
     yield cluster
     if os.environ.get(KEEP_ENV) != "1":
         subprocess.run(
@@ -151,40 +145,20 @@ def cluster(reachable_cluster, objects) -> Iterator[Cluster]:
         )
 
 
-def training_job(objects: list[dict], namespace: str, version: int) -> dict:
-    """The overlay's Job, renamed per version, training briefly into its own run directory."""
-    job = in_namespace(one(objects, "Job", "convstack-train"), namespace)
-    job["metadata"]["name"] = f"convstack-train-v{version}"
-    trainer = container(job, "trainer")
-    args = [a for a in trainer["args"] if not a.startswith(("--run-dir=", "--epochs="))]
-    trainer["args"] = [
-        *args,
-        f"--run-dir=/runs/e2e-v{version}",
-        "--epochs=5",
-        f"--version={version}",
-    ]
-    k8s_render.validate([job])
-    return job
-
-
-def wait_for_job(cluster: Cluster, name: str) -> None:
-    deadline = time.monotonic() + JOB_DEADLINE_S
-    while time.monotonic() < deadline:
-        conditions = cluster.get("job", name).get("status", {}).get("conditions", [])
-        states = {c["type"] for c in conditions if c["status"] == "True"}
-        if "Complete" in states:
-            return
-        if "Failed" in states:
-            details = cluster.diagnostics(f"batch.kubernetes.io/job-name={name}")
-            raise AssertionError(f"Job {name} failed: {conditions}\n{details}")
-        time.sleep(5)
-    raise AssertionError(f"Job {name} did not finish in {JOB_DEADLINE_S} s")
-
-
 def train(cluster: Cluster, objects: list[dict], version: int) -> None:
-    job = training_job(objects, cluster.namespace, version)
-    cluster.apply([job])
-    wait_for_job(cluster, job["metadata"]["name"])
+    """Version `version`, trained briefly by a Job that `convstack k8s train` creates and
+    follows (its own run directory; the image the cluster has)."""
+    image = container(one(objects, "Job", "convstack-train"), "trainer")["image"]
+    code = train_main(
+        [
+            "--overlay", OVERLAY, "--image", image, "--namespace", cluster.namespace,
+            "--timeout", str(JOB_DEADLINE_S), "--",
+            f"--run-dir=/runs/e2e-v{version}", "--epochs=5", f"--version={version}",
+        ]
+    )  # fmt: skip
+    if code != 0:
+        details = cluster.diagnostics("app.kubernetes.io/part-of=convstack")
+        raise AssertionError(f"convstack k8s train exited with {code}\n{details}")
 
 
 @dataclass
@@ -197,18 +171,13 @@ class PortForward:
 def served(cluster, objects) -> Iterator[PortForward]:
     """Version 1 trained, the serving stack applied and rolled out, and a port-forward to it."""
     train(cluster, objects, version=1)
-    stack = [in_namespace(o, cluster.namespace) for o in objects if o["kind"] in SERVING_KINDS]
-    cluster.apply(stack)
-    result = subprocess.run(
-        [
-            "kubectl", "--namespace", cluster.namespace, "rollout", "status",
-            "deployment/convstack-serving", f"--timeout={ROLLOUT_DEADLINE_S}s",
-        ],
-        capture_output=True, text=True, check=False,
+    code = deploy_main(
+        ["--overlay", OVERLAY, "--namespace", cluster.namespace,
+         "--timeout", str(ROLLOUT_DEADLINE_S)]
     )  # fmt: skip
-    if result.returncode != 0:
+    if code != 0:
         details = cluster.diagnostics("app.kubernetes.io/component=serving")
-        raise AssertionError(f"serving never became available: {result.stderr}\n{details}")
+        raise AssertionError(f"convstack k8s deploy exited with {code}\n{details}")
     process = subprocess.Popen(
         ["kubectl", "--namespace", cluster.namespace, "port-forward",
          "deployment/convstack-serving", ":8500"],
