@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-name", default="digits")
     parser.add_argument("--config", default="build/demo/models.config")
     parser.add_argument("--golden", help="golden set URI (default: each version's test split)")
+    parser.add_argument("--latency-slack-ms", help="the latency gate's slack (default: rollout's)")
     args = parser.parse_args(argv)
     model_dir = Path(args.model_base) / args.model_name
     config_path = Path(args.config).resolve()
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n== {REPLICAS} server replicas ({targets}) polling {config_path}")
     common = ["--model", args.model_name, "--store", f"file:{config_path}", "--servers", targets]
     gate_flags = [*GATE_FLAGS, *(["--golden", args.golden] if args.golden else [])]
+    if args.latency_slack_ms:
+        gate_flags += ["--latency-slack-ms", args.latency_slack_ms]
     try:
         for server in servers:
             server.wait_available(args.model_name)
