@@ -6,8 +6,15 @@ STAMP := $(VENV)/.installed-pyproject
 CONVSTACK := $(BIN)/convstack
 DEMO_DIR := build/demo
 PYTEST_ARGS ?=
+# `make train`: the run directory (a new RUN trains and exports a new version) and its epochs.
+RUN ?= digits
+EPOCHS ?= 25
+# `make serve` / `make rollout` / `make predict`: the config the rollouts edit, and the server.
+MODELS_CONFIG := models.config
+TARGET ?= localhost:8500
 
-.PHONY: setup demo train serve test lint format bench bench-train bench-serve k8s-render clean
+.PHONY: setup demo train serve rollout predict test lint format bench bench-train bench-serve \
+	k8s-render clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -32,11 +39,28 @@ demo: setup
 		--config $(DEMO_DIR)/models.config
 
 train: setup
-	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
-		--model-base models --model-name digits --run-dir runs/digits
+	$(CONVSTACK) train --data digits --replicas 2 --epochs $(EPOCHS) \
+		--model-base models --model-name digits --run-dir runs/$(RUN)
 
-serve: setup
-	$(CONVSTACK) serve --model_base models --model_name digits
+# Created once (serving the newest version); from then on the rollout commands edit it.
+$(MODELS_CONFIG): | setup
+	$(CONVSTACK) models-config add --config $@ --name digits --base-path $(CURDIR)/models/digits \
+		--latest 1
+
+serve: setup $(MODELS_CONFIG)
+	$(CONVSTACK) serve --model_config_file $(MODELS_CONFIG) \
+		--model_config_file_poll_wait_seconds 2 --file_system_poll_wait_seconds 2
+
+# Gates, canary, observe and promote VERSION on the server of `make serve`.
+rollout: setup
+	@test -n "$(VERSION)" || { echo "usage: make rollout VERSION=N"; exit 2; }
+	$(CONVSTACK) rollout run $(VERSION) --model digits --store file:$(MODELS_CONFIG) \
+		--servers $(TARGET) --observe-seconds 10
+	$(CONVSTACK) rollout status --model digits --store file:$(MODELS_CONFIG) --servers $(TARGET)
+
+predict: setup
+	@test -n "$(IMAGES)" || { echo "usage: make predict IMAGES='a.png b.png'"; exit 2; }
+	$(CONVSTACK) predict --target $(TARGET) --model digits $(if $(LABEL),--label $(LABEL)) $(IMAGES)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
