@@ -7,6 +7,8 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
+from serving import rollout_plan
+from serving.model_repository import RepositoryError
 from serving.rollout import Rollout
 from serving.rollout_watch import expand_targets, observe
 
@@ -17,7 +19,11 @@ def gather_status(rollout: Rollout, now: dt.datetime | None = None) -> dict[str,
     """The status as plain JSON."""
     now = now or dt.datetime.now(dt.timezone.utc)
     config = rollout.config()
-    state = rollout.state(config)
+    try:
+        on_disk, repository_error = rollout.disk_versions(config), ""
+    except RepositoryError as error:  # e.g. a ConfigMap store whose volume is not mounted here
+        on_disk, repository_error = [], str(error)
+    state = rollout_plan.model_state(config, rollout.model, [v.version for v in on_disk])
     labels_of: dict[int, list[str]] = {}
     for label, version in sorted(state.labels.items()):
         labels_of.setdefault(version, []).append(label)
@@ -31,7 +37,7 @@ def gather_status(rollout: Rollout, now: dt.datetime | None = None) -> dict[str,
             "labels": labels_of.get(v.version, []),
             "in_config": v.version in state.versions,
         }
-        for v in rollout.disk_versions(config)
+        for v in on_disk
     ]
     servers = [_server_status(t, rollout.model, state.labels) for t in _targets(rollout.servers)]
     return {
@@ -41,6 +47,7 @@ def gather_status(rollout: Rollout, now: dt.datetime | None = None) -> dict[str,
         "config_versions": sorted(state.versions),
         "labels": dict(sorted(state.labels.items())),
         "versions": disk,
+        "repository_error": repository_error,
         "servers": servers,
     }
 
@@ -100,7 +107,10 @@ def format_status(status: dict[str, Any]) -> str:
         ]
         for v in status["versions"]
     ]
-    lines += _table(["VERSION", "AGE", "TEST ACC", "LABELS", "LOADED BY CONFIG"], rows)
+    if status.get("repository_error"):
+        lines.append(f"versions on disk: not readable here ({status['repository_error']})")
+    else:
+        lines += _table(["VERSION", "AGE", "TEST ACC", "LABELS", "LOADED BY CONFIG"], rows)
     if status["servers"]:
         lines.append("")
         server_rows = [_server_row(server) for server in status["servers"]]

@@ -179,3 +179,33 @@ def test_gather_status_of_a_file_store_and_replicas(tmp_path):
     text = format_status(status)
     assert f"{target}  1 END, 2 AVAILABLE" in text
     assert "error: UNAVAILABLE" in text
+
+
+def test_status_without_the_model_volume_still_shows_labels_and_servers(tmp_path):
+    # A configmap-style config whose base path exists only inside the cluster.
+    config = model_config.add_model(
+        model_config.ModelServerConfig(),
+        "digits",
+        "/models-only-in-the-cluster/digits",
+        specific=[1, 2],
+        labels={"stable": 2, "previous": 1},
+    )
+    model_config.write_model_config(tmp_path / "models.config", config)
+    script = ReplicaScript(
+        {1: ("AVAILABLE", ""), 2: ("AVAILABLE", "")}, {"stable": 2, "previous": 1}
+    )
+    with stand_in_replica(script) as target:
+        rollout = Rollout(
+            "digits",
+            FileStore(tmp_path / "models.config"),
+            [target],
+            golden=lambda version: pytest.fail("status needs no golden set"),
+        )
+        status = gather_status(rollout, now=NOW)
+    assert status["versions"] == []
+    assert "/models-only-in-the-cluster/digits" in status["repository_error"]
+    assert status["labels"] == {"previous": 1, "stable": 2}
+    assert status["servers"][0]["labels"] == {"previous": 1, "stable": 2}
+    text = format_status(status)
+    assert "versions on disk: not readable here" in text
+    assert f"{target}  1 AVAILABLE, 2 AVAILABLE  previous->1, stable->2" in text
