@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
     "k8s train": ("convstack.k8s_launch", "train_main", "run a training Job, stream its log"),
     "k8s deploy": ("convstack.k8s_launch", "deploy_main", "apply the serving stack and wait"),
+    "k8s rollout": ("convstack.k8s_launch", "rollout_main", "run convstack rollout in a Job"),
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from convstack import k8s_render
 from convstack.k8s_errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, LaunchError
-from convstack.k8s_objects import in_namespace, is_training, namespace_first
+from convstack.k8s_objects import in_namespace, is_rollout, is_training, namespace_first
 from convstack.k8s_waiting import Follow, wait_until
 from serving.config_store import DEFAULT_CONFIGMAP_KEY
 from serving.configmap_store import ROLLOUT_FIELD_MANAGER
@@ -39,8 +39,14 @@ def deploy(api: KubeApi, objects: list[dict], namespace: str, follow: Follow) ->
 
 
 def serving_objects(objects: list[dict]) -> list[dict]:
-    """What `deploy` applies: everything but training, the Namespace first."""
-    return namespace_first([o for o in objects if not is_training(o)])
+    """What `deploy` applies, the Namespace first: everything but training and the rollout Job
+    template (the rollout's ServiceAccount, Role and RoleBinding are applied, so that
+    `convstack k8s rollout` can run)."""
+    return namespace_first([o for o in objects if not (is_training(o) or is_rollout_job(o))])
+
+
+def is_rollout_job(obj: dict) -> bool:
+    return is_rollout(obj) and obj["kind"] == "Job"
 
 
 def serving_stack(objects: list[dict], namespace: str) -> tuple[list[dict], str]:

@@ -1,4 +1,5 @@
-"""`convstack k8s train` and `convstack k8s deploy`: run the k8s/ overlays on a cluster.
+"""`convstack k8s train`, `convstack k8s deploy` and `convstack k8s rollout`: run the k8s/
+overlays on a cluster.
 
 train: render the overlay, take its training Job (single-node, or the Indexed multi-worker one
 with its headless Service), give it a unique name, the image and the trainer's arguments,
@@ -10,10 +11,15 @@ deploy: server-side apply the overlay's serving stack and wait until the Deploym
 available. models.config in the serving ConfigMap belongs to the rollout commands once it
 exists: deploy creates it when absent and otherwise never applies the overlay's copy over it.
 
+rollout: create a uniquely named Job from the overlay's rollout template (k8s/base/rollout),
+which runs `convstack rollout` next to the model claim as the ServiceAccount allowed to edit the
+serving ConfigMap; stream its log and pass on the rollout command's exit status.
+
 This module holds the command lines and turns errors into one line and an exit status. The
 decisions (which objects, what names, what a Job's and pods' status mean) are pure functions of
-dicts in k8s_training_plan, k8s_training_status and k8s_deploy, tested without a cluster; the
-I/O goes through serving.kube_api, from k8s_training and k8s_deploy.
+dicts in k8s_training_plan, k8s_training_status, k8s_rollout_plan and k8s_deploy, tested
+without a cluster; the I/O goes through serving.kube_api, from k8s_training, k8s_rollout and
+k8s_deploy.
 """
 
 from __future__ import annotations
@@ -32,11 +38,16 @@ from convstack.k8s_errors import (
     EXIT_INTERRUPTED,
     EXIT_STATUS_HELP,
     EXIT_USAGE,
+    ROLLOUT_EXIT_STATUS_HELP,
     LaunchError,
 )
-from convstack.k8s_objects import overlay_namespace
+from convstack.k8s_job_status import JobOutcome
+from convstack.k8s_objects import overlay_namespace, unique_job_name
+from convstack.k8s_rollout import rollout
+from convstack.k8s_rollout_plan import DEFAULT_NAME_PREFIX as ROLLOUT_NAME_PREFIX
+from convstack.k8s_rollout_plan import plan_rollout
 from convstack.k8s_training import train
-from convstack.k8s_training_plan import default_name_prefix, plan_training, unique_job_name
+from convstack.k8s_training_plan import default_name_prefix, plan_training
 from convstack.k8s_waiting import DEFAULT_POLL_S, Follow
 from serving.kube_api import KubeApi, KubeError
 
@@ -45,22 +56,17 @@ log = logging.getLogger(__name__)
 
 def train_main(argv: list[str]) -> int:
     """`convstack k8s train`; exit statuses in EXIT_STATUS_HELP."""
-    own, trainer_args = _split_trainer_args(argv)
+    own, trainer_args = _split_passed_args(argv)
     args = build_train_parser().parse_args(own)
 
     def body() -> int:
         objects, namespace = _render(args)
-        prefix = args.name_prefix or default_name_prefix(objects)
-        name = unique_job_name(prefix, datetime.now(timezone.utc), secrets.token_hex(2))
+        name = _job_name(args.name_prefix or default_name_prefix(objects))
         plan = plan_training(
             objects, name=name, image=args.image, trainer_args=trainer_args, namespace=namespace
         )
         follow = Follow(follow=not args.no_follow, timeout=args.timeout, poll=args.poll_interval)
-        outcome = train(_connect(args), plan, follow)
-        for line in outcome.details:
-            log.info("%s", line)
-        print(outcome.summary)
-        return outcome.exit_status
+        return _report(train(_connect(args), plan, follow))
 
     return _run("convstack k8s train", body)
 
@@ -78,6 +84,38 @@ def deploy_main(argv: list[str]) -> int:
         return status
 
     return _run("convstack k8s deploy", body)
+
+
+def rollout_main(argv: list[str]) -> int:
+    """`convstack k8s rollout`; exit statuses in ROLLOUT_EXIT_STATUS_HELP."""
+    own, rollout_args = _split_passed_args(argv)
+    args = build_rollout_parser().parse_args(own)
+
+    def body() -> int:
+        objects, namespace = _render(args)
+        plan = plan_rollout(
+            objects,
+            name=_job_name(ROLLOUT_NAME_PREFIX),
+            image=args.image,
+            rollout_args=rollout_args,
+            namespace=namespace,
+        )
+        follow = Follow(timeout=args.timeout, poll=args.poll_interval)
+        return _report(rollout(_connect(args), plan, follow))
+
+    return _run("convstack k8s rollout", body)
+
+
+def _job_name(prefix: str) -> str:
+    return unique_job_name(prefix, datetime.now(timezone.utc), secrets.token_hex(2))
+
+
+def _report(outcome: JobOutcome) -> int:
+    """A launched Job's outcome: a log line per failed pod, the verdict as the final line."""
+    for line in outcome.details:
+        log.info("%s", line)
+    print(outcome.summary)
+    return outcome.exit_status
 
 
 def _render(args: argparse.Namespace) -> tuple[list[dict], str]:
@@ -141,13 +179,32 @@ def build_deploy_parser() -> argparse.ArgumentParser:
     )
 
 
-def _parser(prog: str, description: str, usage: str | None = None) -> argparse.ArgumentParser:
-    """A parser with the flags both commands share and the exit statuses as its epilog."""
+def build_rollout_parser() -> argparse.ArgumentParser:
+    """The flags of `convstack k8s rollout` (the rollout command's own follow `--`)."""
+    parser = _parser(
+        "convstack k8s rollout",
+        "Run `convstack rollout` in the cluster: create a uniquely named Job from the "
+        "overlay's rollout template, which mounts the model claim and edits the serving "
+        "ConfigMap as the ServiceAccount convstack-rollout; stream its log and exit with the "
+        "rollout's status. What follows `--` is `convstack rollout`'s verb and flags (default: "
+        "status); the template's --model, --store, --servers and --model-repository are kept "
+        "unless given there.",
+        usage="convstack k8s rollout --overlay OVERLAY [options] [-- VERB [ARGS] [FLAGS]]",
+        epilog=ROLLOUT_EXIT_STATUS_HELP,
+    )
+    parser.add_argument("--image", help="the trainer image to run it with (default: the overlay's)")
+    return parser
+
+
+def _parser(
+    prog: str, description: str, usage: str | None = None, epilog: str = EXIT_STATUS_HELP
+) -> argparse.ArgumentParser:
+    """A parser with the flags the commands share and the exit statuses as its epilog."""
     parser = argparse.ArgumentParser(
         prog=prog,
         usage=usage,
         description=description,
-        epilog=EXIT_STATUS_HELP,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -175,7 +232,7 @@ def _parser(prog: str, description: str, usage: str | None = None) -> argparse.A
     return parser
 
 
-def _split_trainer_args(argv: list[str]) -> tuple[list[str], list[str]]:
+def _split_passed_args(argv: list[str]) -> tuple[list[str], list[str]]:
     if "--" in argv:
         at = argv.index("--")
         return argv[:at], argv[at + 1 :]

@@ -1,11 +1,16 @@
 """Pure queries and edits of rendered Kubernetes objects (plain dicts in the API's JSON shape),
-shared by `convstack k8s train` and `convstack k8s deploy`."""
+shared by the `convstack k8s` commands."""
 
 from __future__ import annotations
 
 import copy
+from datetime import datetime
 
 from convstack.k8s_errors import LaunchError
+
+# A Job's name becomes a label value and, with "-<index>", each Indexed pod's hostname (both at
+# most 63 characters); 52 leaves room for the index and kubelet suffixes.
+MAX_JOB_NAME = 52
 
 
 def component(obj: dict) -> str:
@@ -13,9 +18,16 @@ def component(obj: dict) -> str:
     return ((obj.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component", "")
 
 
+def is_rollout(obj: dict) -> bool:
+    """The rollout Job template and its access (ServiceAccount, Role, RoleBinding)."""
+    return component(obj).startswith("rollout")
+
+
 def is_training(obj: dict) -> bool:
     """Training Jobs and the objects that exist only for them (multi-worker Service,
     tf-config ConfigMap)."""
+    if is_rollout(obj):
+        return False
     return obj["kind"] == "Job" or component(obj).startswith("training")
 
 
@@ -72,3 +84,19 @@ def true_conditions(obj: dict) -> dict[str, dict]:
         for c in (obj.get("status") or {}).get("conditions") or []
         if c.get("status") == "True"
     }
+
+
+def unique_job_name(prefix: str, now: datetime, token: str) -> str:
+    """`prefix-YYYYmmdd-HHMMSS-token`; LaunchError when it would be too long for a Job."""
+    name = f"{prefix}-{now:%Y%m%d-%H%M%S}-{token}"
+    if len(name) > MAX_JOB_NAME:
+        raise LaunchError(
+            f"--name-prefix {prefix!r} is too long: the Job name {name!r} has {len(name)} "
+            f"characters, at most {MAX_JOB_NAME} are allowed"
+        )
+    return name
+
+
+def flag_names(args: list[str]) -> set[str]:
+    """The names of the `--flag` / `--flag=value` arguments in `args`."""
+    return {a[2:].split("=", 1)[0] for a in args if a.startswith("--") and len(a) > 2}

@@ -6,11 +6,12 @@ objects the Job needs that may not exist yet."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import PurePosixPath
 
 from convstack.k8s_errors import LaunchError
+from convstack.k8s_job_status import JOB_NAME_LABEL, job_selector
 from convstack.k8s_objects import (
+    flag_names,
     in_namespace,
     is_training,
     named_container,
@@ -18,11 +19,7 @@ from convstack.k8s_objects import (
 )
 
 TRAINER_CONTAINER = "trainer"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
-# A Job's name becomes a label value and, with "-<index>", each Indexed pod's hostname (both at
-# most 63 characters); 52 leaves room for the index and kubelet suffixes.
-MAX_JOB_NAME = 52
 DEFAULT_NAME_PREFIX = "convstack-train"
 # Objects training shares with serving; created if absent, never owned by one Job.
 SHARED_KINDS = ("Namespace", "PersistentVolumeClaim")
@@ -44,22 +41,6 @@ def default_name_prefix(objects: list[dict]) -> str:
     """The Job name prefix when none is given: the overlay's Job's name."""
     jobs = _jobs(objects)
     return jobs[0]["metadata"]["name"] if jobs else DEFAULT_NAME_PREFIX
-
-
-def unique_job_name(prefix: str, now: datetime, token: str) -> str:
-    """`prefix-YYYYmmdd-HHMMSS-token`; LaunchError when it would be too long for a Job."""
-    name = f"{prefix}-{now:%Y%m%d-%H%M%S}-{token}"
-    if len(name) > MAX_JOB_NAME:
-        raise LaunchError(
-            f"--name-prefix {prefix!r} is too long: the Job name {name!r} has {len(name)} "
-            f"characters, at most {MAX_JOB_NAME} are allowed"
-        )
-    return name
-
-
-def flag_names(args: list[str]) -> set[str]:
-    """The names of the `--flag` / `--flag=value` arguments in `args`."""
-    return {a[2:].split("=", 1)[0] for a in args if a.startswith("--") and len(a) > 2}
 
 
 def merge_trainer_args(base: list[str], extra: list[str]) -> list[str]:
@@ -102,7 +83,7 @@ def plan_training(
 
 
 def _jobs(objects: list[dict]) -> list[dict]:
-    return [o for o in objects if o["kind"] == "Job"]
+    return [o for o in objects if o["kind"] == "Job" and is_training(o)]
 
 
 def _own_run_dir(
@@ -160,11 +141,6 @@ def _config_maps_used(objects: list[dict], job: dict) -> list[dict]:
         if "configMap" in v
     }
     return [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] in names]
-
-
-def job_selector(name: str) -> str:
-    """Label selector of all pods of Job `name` (every index, every attempt)."""
-    return f"{JOB_NAME_LABEL}={name}"
 
 
 def chief_selector(job: dict) -> str:

@@ -47,6 +47,9 @@ _RESOURCES: dict[str, tuple[str, bool]] = {
     "Job": ("jobs", True),
     "PodDisruptionBudget": ("poddisruptionbudgets", True),
     "HorizontalPodAutoscaler": ("horizontalpodautoscalers", True),
+    "ServiceAccount": ("serviceaccounts", True),
+    "Role": ("roles", True),
+    "RoleBinding": ("rolebindings", True),
 }
 _API_VERSIONS = {
     "Namespace": "v1",
@@ -58,6 +61,9 @@ _API_VERSIONS = {
     "Job": "batch/v1",
     "PodDisruptionBudget": "policy/v1",
     "HorizontalPodAutoscaler": "autoscaling/v2",
+    "ServiceAccount": "v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
 }
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"

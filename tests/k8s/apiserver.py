@@ -54,6 +54,9 @@ RESOURCES = {
     ("batch", "v1", "jobs"): ("Job", True),
     ("policy", "v1", "poddisruptionbudgets"): ("PodDisruptionBudget", True),
     ("autoscaling", "v2", "horizontalpodautoscalers"): ("HorizontalPodAutoscaler", True),
+    ("", "v1", "serviceaccounts"): ("ServiceAccount", True),
+    ("rbac.authorization.k8s.io", "v1", "roles"): ("Role", True),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"): ("RoleBinding", True),
 }
 _PATH = re.compile(
     r"^/(?:api/(?P<core_version>v1)|apis/(?P<group>[a-z0-9.]+)/(?P<version>v[0-9a-z]+))"

@@ -19,6 +19,13 @@ def test_serving_objects_leave_training_out(rendered):
     assert ("ConfigMap", SERVING_CONFIG) in names
 
 
+def test_deploy_applies_the_rollout_access_but_not_the_rollout_job(rendered):
+    names = {(o["kind"], o["metadata"]["name"]) for o in serving_objects(rendered["local"])}
+    assert {("ServiceAccount", "convstack-rollout"), ("Role", "convstack-rollout"),
+            ("RoleBinding", "convstack-rollout")} <= names  # fmt: skip
+    assert ("Job", "convstack-rollout") not in names
+
+
 def test_the_serving_stack_goes_into_the_namespace_given(rendered):
     stack, deployment = serving_stack(rendered["local"], "team-a")
     assert deployment == "convstack-serving"

@@ -34,6 +34,7 @@ from trainer.config import TrainConfig
 from trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 SERVING_CONTAINER = "tensorflow-serving"
+ROLLOUT_JOB = ROLLOUT_ACCOUNT = "convstack-rollout"
 TRAINER_CONTAINER = "trainer"
 
 
@@ -56,7 +57,8 @@ def serving_flags(objects: list[dict]) -> dict:
 
 
 def jobs(objects: list[dict]) -> list[dict]:
-    return by_kind(objects, "Job")
+    """The training Jobs (the rollout Job has its own tests in test_rollout_policy)."""
+    return [j for j in by_kind(objects, "Job") if j["metadata"]["name"] != ROLLOUT_JOB]
 
 
 def config_map_for(workload: dict, container_spec: dict, path: str, objects: list[dict]):
@@ -82,7 +84,10 @@ def test_pods_run_as_non_root_with_the_runtime_seccomp_profile(overlay):
         assert context["runAsNonRoot"] is True
         assert context["runAsUser"] != 0 and context["runAsGroup"] != 0
         assert context["seccompProfile"] == {"type": "RuntimeDefault"}
-        assert spec["automountServiceAccountToken"] is False
+        # Only the rollout Job talks to the API, as its own ServiceAccount (test_rollout_policy).
+        assert spec["automountServiceAccountToken"] is (
+            spec.get("serviceAccountName") == ROLLOUT_ACCOUNT
+        )
         for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
             assert not spec.get(forbidden)
         assert not any("hostPath" in v for v in spec.get("volumes", []))
@@ -149,11 +154,13 @@ def test_gpu_overlays_ask_for_gpus_and_tolerate_gpu_taints(rendered, name):
         "tensorflow/serving:2.19.1-gpu" if gpu else "tensorflow/serving:2.19.1"
     )
     for workload in workloads(objects):
+        # The rollout Job runs on CPU (with the overlay's build of the trainer image).
+        on_gpu = gpu and workload["metadata"]["name"] != ROLLOUT_JOB
         for spec in workload["spec"]["template"]["spec"]["containers"]:
-            assert ("nvidia.com/gpu" in spec["resources"].get("limits", {})) == gpu
+            assert ("nvidia.com/gpu" in spec["resources"].get("limits", {})) == on_gpu
             assert spec["image"].endswith("-gpu") == gpu
         tolerations = pod_spec(workload).get("tolerations", [])
-        assert any(t["key"] == "nvidia.com/gpu" for t in tolerations) == gpu
+        assert any(t["key"] == "nvidia.com/gpu" for t in tolerations) == on_gpu
     for job in jobs(objects):
         # NCCL between the GPUs of a pod needs more than the default 64 MiB /dev/shm.
         shm = mount_holding(container(job, TRAINER_CONTAINER), "/dev/shm")

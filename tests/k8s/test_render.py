@@ -47,8 +47,8 @@ def test_each_overlay_holds_its_workloads(rendered):
         for overlay, objects in rendered.items()
     }
     assert names == {
-        "local": ["Deployment/convstack-serving", "Job/convstack-train"],
-        "gpu": ["Deployment/convstack-serving", "Job/convstack-train"],
+        "local": ["Deployment/convstack-serving", "Job/convstack-rollout", "Job/convstack-train"],
+        "gpu": ["Deployment/convstack-serving", "Job/convstack-rollout", "Job/convstack-train"],
         "multiworker": ["Deployment/convstack-serving", "Job/convstack-train-mw"],
     }
 

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 import pytest
 
 from convstack.k8s_errors import LaunchError
+from convstack.k8s_objects import unique_job_name
 from convstack.k8s_training_plan import (
     INDEX_LABEL,
     JOB_NAME_LABEL,
@@ -15,7 +16,6 @@ from convstack.k8s_training_plan import (
     default_name_prefix,
     merge_trainer_args,
     plan_training,
-    unique_job_name,
 )
 from tests.k8s.manifests import container, service_selects
 
