@@ -334,21 +334,9 @@ class KubeApi:
         path = f"{prefix}/{plural}"
         return f"{path}/{quote(name, safe='')}" if name else path
 
-    def _json(
-        self,
-        method: str,
-        path: str,
-        *,
-        what: str,
-        verb: str,
-        body: dict | None = None,
-        query: dict | None = None,
-        content_type: str = _JSON,
-    ) -> dict:
-        response = self._request(
-            method, path, body=body, query=query, content_type=content_type, what=what, verb=verb
-        )
-        data = response.read()
+    def _json(self, method: str, path: str, *, what: str, verb: str, **request) -> dict:
+        """`_request`, and its answer read as JSON."""
+        data = self._request(method, path, what=what, verb=verb, **request).read()
         try:
             return json.loads(data) if data else {}
         except ValueError as exc:

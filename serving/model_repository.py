@@ -64,14 +64,22 @@ def _created(version_dir: Path, card: dict[str, Any]) -> dt.datetime:
         return dt.datetime.fromtimestamp(version_dir.stat().st_mtime, dt.timezone.utc)
 
 
-def list_versions(base_path: str | os.PathLike) -> list[VersionOnDisk]:
-    """The model's numeric version directories, oldest version number first."""
+def _version_dirs(base_path: str | os.PathLike) -> dict[int, Path]:
     try:
-        found = numeric_version_dirs(base_path)
+        return numeric_version_dirs(base_path)
     except OSError as exc:
         raise RepositoryError(f"{base_path}: cannot list the model's versions: {exc}") from exc
+
+
+def version_numbers(base_path: str | os.PathLike) -> list[int]:
+    """The model's version numbers on disk, ascending (no model card is read)."""
+    return sorted(_version_dirs(base_path))
+
+
+def list_versions(base_path: str | os.PathLike) -> list[VersionOnDisk]:
+    """The model's numeric version directories, oldest version number first."""
     versions = []
-    for version, path in sorted(found.items()):
+    for version, path in sorted(_version_dirs(base_path).items()):
         card = read_card(path)
         versions.append(VersionOnDisk(version, path, _created(path, card), card))
     return versions

@@ -23,6 +23,7 @@ from serving.model_repository import (
     delete_version,
     find_version,
     list_versions,
+    version_numbers,
     versions_to_retire,
 )
 from serving.rollout_gates import (
@@ -120,7 +121,8 @@ class Rollout:
 
     def state(self, config: ModelServerConfig | None = None) -> ModelState:
         config = config if config is not None else self.config()
-        disk = [v.version for v in self.disk_versions(config)]
+        # Only the numbers: this runs in every config edit, and reading each card is not needed.
+        disk = version_numbers(self.repository(config))
         return rollout_plan.model_state(config, self.model, disk)
 
     # --- writing ---------------------------------------------------------------------------
@@ -208,7 +210,7 @@ class Rollout:
         if before.stable is None:
             return self._first_rollout(version, before, steps, infra, sandbox_stats)
         after = self._apply_plan(steps, before, "canary", [infra])
-        gates = [infra, *self.live_gates()]
+        gates = [infra, *self.live_gates(golden)]
         if all(gate.passed for gate in gates):
             self.say(f"version {version} is the canary next to stable {after.stable}")
             return self._record(Outcome("canary", True, before, after, gates))
@@ -253,10 +255,9 @@ class Rollout:
             self._record(Outcome(action, False, before, self.state(), list(gates), str(error)))
             raise
 
-    def live_gates(self) -> list[GateResult]:
-        """Quality and latency of canary vs stable through the live servers' labels."""
-        candidate_card = find_version(self.repository(), self.state().canary)
-        golden = self.golden(candidate_card)
+    def live_gates(self, golden: GoldenSet) -> list[GateResult]:
+        """Quality and latency of canary vs stable on `golden`, through the live servers'
+        labels."""
         routes = {"stable": {"version_label": STABLE}, "canary": {"version_label": CANARY}}
         stats = golden_traffic(self.servers_now(), self.model, routes, golden)
         gates = [
@@ -300,10 +301,11 @@ class Rollout:
         outcome = self.canary(version)
         if not outcome.ok or outcome.action == "first-rollout":
             return outcome
+        golden = self.golden(find_version(self.repository(), version))
         deadline = time.monotonic() + self.settings.observe_seconds
         while time.monotonic() < deadline:
             self.say("observing the canary: golden traffic again")
-            gates = self.live_gates()
+            gates = self.live_gates(golden)
             if not all(gate.passed for gate in gates):
                 state = self.state()
                 return self._roll_back_failed("run", outcome.before, state, gates)

@@ -4,10 +4,8 @@ embedded server cannot be told to do (fail on purpose, echo call metadata)."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 import threading
 import time
 from concurrent import futures
@@ -24,7 +22,8 @@ from tensorflow_serving.apis import (
 )
 
 from client.tensors import to_ndarray, to_tensor_proto
-from tests.loopback import EMBEDDED_SERVE, free_ports
+from serving.process import ServerProcess
+from tests.loopback import free_ports
 from tests.serving.conformance.conftest import Server
 from tests.trainer import export_helpers
 
@@ -86,21 +85,10 @@ def launch(directory: Path, flags: list[str], grpc_port: int | None = None) -> M
     monitoring = directory / "monitoring.config"
     monitoring.write_text(MONITORING)
     log_path = directory / f"server-{grpc_port}.log"
-    command = [
-        *EMBEDDED_SERVE,
-        f"--port={grpc_port}",
-        f"--rest_api_port={rest_port}",
-        f"--monitoring_config_file={monitoring}",
-        *flags,
-    ]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        )
-    return ModelServer("embedded", process, grpc_port, rest_port, log_path)
+    server = ServerProcess.launch(
+        [f"--monitoring_config_file={monitoring}", *flags], log_path, ports=(grpc_port, rest_port)
+    )
+    return ModelServer("embedded", server.process, grpc_port, rest_port, log_path)
 
 
 def wait_ready(server: ModelServer, timeout: float = 120) -> ModelServer:
