@@ -32,10 +32,10 @@ demo: setup
 	rm -rf $(DEMO_DIR)
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
 		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits
-	$(BIN)/python -m convstack.demo --model-base $(DEMO_DIR)/models --model-name digits
+	$(BIN)/python -m convstack.demo.serve --model-base $(DEMO_DIR)/models --model-name digits
 	$(CONVSTACK) train --data digits --replicas 2 --epochs 30 \
 		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits-v2
-	$(BIN)/python -m convstack.rollout_demo --model-base $(DEMO_DIR)/models --model-name digits \
+	$(BIN)/python -m convstack.demo.rollout --model-base $(DEMO_DIR)/models --model-name digits \
 		--config $(DEMO_DIR)/models.config
 
 train: setup
@@ -85,7 +85,7 @@ bench-serve: setup
 
 # Render and validate every Kustomize overlay into build/k8s/OVERLAY.yaml.
 k8s-render: setup
-	$(BIN)/python -m convstack.k8s_render --all --out-dir build/k8s
+	$(BIN)/python -m convstack.k8s.render --all --out-dir build/k8s
 
 clean:
 	rm -rf build bench-results

@@ -2,7 +2,7 @@
 load generator.
 
 ```
-from client import PredictionClient
+from convstack.client import PredictionClient
 
 with PredictionClient("localhost:8500", "digits") as client:
     print(client.predict(images)["classes"])
@@ -10,7 +10,7 @@ with PredictionClient("localhost:8500", "digits") as client:
 
 The names below load on first use: the message definitions the client speaks currently come
 from TensorFlow's packages, whose import costs seconds and writes start-up lines to stderr, and
-`import client.errors` (or the CLI before it quiets that output) should not pay for it.
+`import convstack.client.errors` (or the CLI before it quiets that output) should not pay for it.
 """
 
 from __future__ import annotations
@@ -31,30 +31,30 @@ __all__ = [
 ]
 
 _HOMES = {
-    "AsyncPredictionClient": "client.aio_client",
-    "Prediction": "client.sync_client",
-    "PredictionClient": "client.sync_client",
-    "PredictionError": "client.errors",
-    "TlsConfig": "client.connection",
-    "load_image": "client.images",
-    "load_images": "client.images",
-    "to_ndarray": "client.tensors",
-    "to_tensor_proto": "client.tensors",
+    "AsyncPredictionClient": "convstack.client.aio_client",
+    "Prediction": "convstack.client.sync_client",
+    "PredictionClient": "convstack.client.sync_client",
+    "PredictionError": "convstack.client.errors",
+    "TlsConfig": "convstack.client.connection",
+    "load_image": "convstack.client.images",
+    "load_images": "convstack.client.images",
+    "to_ndarray": "convstack.client.tensors",
+    "to_tensor_proto": "convstack.client.tensors",
 }
 
 if TYPE_CHECKING:
-    from client.aio_client import AsyncPredictionClient
-    from client.connection import TlsConfig
-    from client.errors import PredictionError
-    from client.images import load_image, load_images
-    from client.sync_client import Prediction, PredictionClient
-    from client.tensors import to_ndarray, to_tensor_proto
+    from convstack.client.aio_client import AsyncPredictionClient
+    from convstack.client.connection import TlsConfig
+    from convstack.client.errors import PredictionError
+    from convstack.client.images import load_image, load_images
+    from convstack.client.sync_client import Prediction, PredictionClient
+    from convstack.client.tensors import to_ndarray, to_tensor_proto
 
 
 def __getattr__(name: str):
     home = _HOMES.get(name)
     if home is None:
-        raise AttributeError(f"module 'client' has no attribute {name!r}")
+        raise AttributeError(f"module 'convstack.client' has no attribute {name!r}")
     value = getattr(importlib.import_module(home), name)
     globals()[name] = value
     return value

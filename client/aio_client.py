@@ -4,24 +4,20 @@ same methods as coroutines, `async with`)."""
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Sequence
 
-import grpc
 import numpy as np
 
-from client import _protos as protos
-from client.connection import TlsConfig, call_async, deadline_error, open_aio_channel
-from client.errors import PredictionError
-from client.signature import SignatureSpec
-from client.sync_client import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ClientCore,
+from convstack.client import _protos as protos
+from convstack.client.connection import call_async, deadline_error, open_aio_channel
+from convstack.client.errors import PredictionError
+from convstack.client.signature import SignatureSpec
+from convstack.client.sync_client import (
+    ClientBase,
     Prediction,
     Route,
     available_version,
-    client_settings,
     closed_error,
     concatenate,
     keep_waiting,
@@ -31,70 +27,13 @@ from client.sync_client import (
 __all__ = ["AsyncPredictionClient"]
 
 
-class AsyncPredictionClient:
+class AsyncPredictionClient(ClientBase):
     """PredictionClient for asyncio: `async with AsyncPredictionClient(target, model) as c:
     prediction = await c.predict(images)`. Arguments and behaviour as PredictionClient's.
 
     The channel opens on first use (or `async with`), inside the event loop that uses it:
     grpc.aio channels belong to one loop.
     """
-
-    def __init__(
-        self,
-        target: str,
-        model_name: str,
-        *,
-        version: int | None = None,
-        version_label: str | None = None,
-        signature: str = "serving_default",
-        timeout: float | None = 10.0,
-        retries: int = 3,
-        backoff: tuple[float, float] = (0.05, 2.0),
-        retry_codes: Sequence[str] = ("UNAVAILABLE",),
-        keepalive_seconds: float | None = 30.0,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        tls: TlsConfig | None = None,
-        metadata: Sequence[tuple[str, str]] = (),
-        canary_fraction: float = 0.0,
-        validate: bool = True,
-        load_balancing: str | None = None,
-        channel_options: Sequence[tuple[str, object]] = (),
-        rng: random.Random | None = None,
-    ) -> None:
-        self._core = ClientCore(
-            model_name,
-            version=version,
-            version_label=version_label,
-            signature=signature,
-            canary_fraction=canary_fraction,
-            validate=validate,
-            rng=rng,
-        )
-        self._settings = client_settings(
-            target,
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            retry_codes=retry_codes,
-            keepalive_seconds=keepalive_seconds,
-            max_message_bytes=max_message_bytes,
-            tls=tls,
-            metadata=metadata,
-            load_balancing=load_balancing,
-            channel_options=channel_options,
-        )
-        self._channel: grpc.aio.Channel | None = None
-        self._predictions = None
-        self._models = None
-        self._closed = False
-
-    @property
-    def target(self) -> str:
-        return self._settings.target
-
-    @property
-    def model_name(self) -> str:
-        return self._core.model_name
 
     async def __aenter__(self) -> AsyncPredictionClient:
         self._open()

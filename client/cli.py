@@ -14,12 +14,13 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from client.errors import PredictionError
+from convstack.client.errors import PredictionError
+from convstack.common.flags import positive_number
 
 __all__ = ["metadata_main", "predict_main", "status_main"]
 
@@ -50,7 +51,7 @@ def quiet_stderr():
 def _import_client():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with quiet_stderr():
-        import client.sync_client as sync_client
+        import convstack.client.sync_client as sync_client
     return sync_client
 
 
@@ -99,7 +100,9 @@ def _add_server_flags(parser: argparse.ArgumentParser, *, labels: bool = True) -
     pick.add_argument("--version", type=int, help="a specific version")
     if labels:
         pick.add_argument("--label", help="a version label, e.g. stable or canary")
-    parser.add_argument("--timeout", type=_positive, default=10.0, help="seconds per call (10)")
+    parser.add_argument(
+        "--timeout", type=positive_number, default=10.0, help="seconds per call (10)"
+    )
     tls = parser.add_argument_group("TLS (any of these turns it on)")
     tls.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
     tls.add_argument("--tls-ca", metavar="PEM", help="root certificates to verify the server")
@@ -115,7 +118,7 @@ def _tls_wanted(args) -> bool:
 
 def _open_client(args, *, signature: str = "serving_default", label: str | None = None):
     sync_client = _import_client()
-    from client.connection import TlsConfig
+    from convstack.client.connection import TlsConfig
 
     try:
         tls = None
@@ -132,16 +135,6 @@ def _open_client(args, *, signature: str = "serving_default", label: str | None 
         )
     except ValueError as exc:  # e.g. an unreadable certificate file
         raise _Failure(str(exc)) from None
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int]) -> str:
@@ -212,7 +205,7 @@ def _load_npy(path: str, input_spec) -> tuple[list[str], np.ndarray]:
 
 
 def _load_files(paths: Sequence[str], input_spec) -> np.ndarray:
-    from client.images import load_images
+    from convstack.client.images import load_images
 
     if input_spec.dtype == "string":  # e.g. predict_image_bytes: the graph decodes the files
         return np.array([_read_bytes(path) for path in paths] or [], dtype=object)
@@ -272,7 +265,7 @@ def _predict_server(args) -> tuple[list[dict], dict]:
         if args.signature not in signatures:
             known = ", ".join(sorted(signatures))
             raise _Failure(f"model {args.model!r} has no signature {args.signature!r} ({known})")
-        from client.signature import SignatureSpec
+        from convstack.client.signature import SignatureSpec
 
         spec = SignatureSpec.from_dict(args.signature, signatures[args.signature])
         name, input_spec = _single_input(spec, args.model)
@@ -310,7 +303,7 @@ def _load_saved_model(directory: str, signature: str):
     if function is None:
         known = ", ".join(sorted(loaded.signatures))
         raise _Failure(f"{directory}: no signature {signature!r} ({known})")
-    from client.signature import SignatureSpec
+    from convstack.client.signature import SignatureSpec
 
     _, input_specs = function.structured_input_signature
     spec = SignatureSpec(
@@ -322,7 +315,7 @@ def _load_saved_model(directory: str, signature: str):
 
 
 def _tf_spec(spec):
-    from client.signature import TensorSpec
+    from convstack.client.signature import TensorSpec
 
     dims = spec.shape.as_list() if spec.shape.rank is not None else None
     shape = None if dims is None else tuple(-1 if d is None else d for d in dims)
@@ -331,7 +324,7 @@ def _tf_spec(spec):
 
 def _predict_saved_model(args) -> tuple[list[dict], dict]:
     _import_client()
-    from client.signature import prepare_inputs
+    from convstack.client.signature import prepare_inputs
 
     _loaded, function, spec = _load_saved_model(args.saved_model, args.signature)
     name, input_spec = _single_input(spec, args.saved_model)
@@ -394,32 +387,26 @@ def build_status_parser() -> argparse.ArgumentParser:
 
 def status_main(argv: Sequence[str]) -> int:
     """`convstack status --target HOST:PORT --model NAME [--version N] [--json]`."""
-    parser = build_status_parser()
-    args = _parse(parser, argv)
-    if isinstance(args, int):
-        return args
-    if not args.model:
-        return _usage(parser, "--model is required")
+    return _model_command("convstack status", build_status_parser(), argv, _print_status)
 
-    def action() -> int:
-        with _open_client(args) as client:
-            statuses = client.status(args.version)
-        if args.json:
-            print(json.dumps({"model": args.model, "versions": statuses}, indent=2))
-            return 0
-        rows = [
-            (
-                s["version"],
-                s["state"],
-                s["error_code"] + (f": {s['error_message']}" if s["error_message"] else ""),
-            )
-            for s in statuses
-        ]
-        print(f"model {args.model}")
-        print(_table(("VERSION", "STATE", "STATUS"), rows, right=(0,)))
+
+def _print_status(args: argparse.Namespace) -> int:
+    with _open_client(args) as client:
+        statuses = client.status(args.version)
+    if args.json:
+        print(json.dumps({"model": args.model, "versions": statuses}, indent=2))
         return 0
-
-    return _run("convstack status", action)
+    rows = [
+        (
+            s["version"],
+            s["state"],
+            s["error_code"] + (f": {s['error_message']}" if s["error_message"] else ""),
+        )
+        for s in statuses
+    ]
+    print(f"model {args.model}")
+    print(_table(("VERSION", "STATE", "STATUS"), rows, right=(0,)))
+    return 0
 
 
 def build_metadata_parser() -> argparse.ArgumentParser:
@@ -449,25 +436,34 @@ def _format_signatures(model: str, version: int, signatures: dict) -> str:
 
 def metadata_main(argv: Sequence[str]) -> int:
     """`convstack metadata --target HOST:PORT --model NAME [--version N | --label L] [--json]`."""
-    parser = build_metadata_parser()
+    return _model_command("convstack metadata", build_metadata_parser(), argv, _print_metadata)
+
+
+def _print_metadata(args: argparse.Namespace) -> int:
+    with _open_client(args, label=args.label) as client:
+        signatures = client.metadata()
+        version = client.served_version()
+    if args.json:
+        document = {"model": args.model, "version": version, "signatures": signatures}
+        print(json.dumps(document, indent=2))
+    else:
+        print(_format_signatures(args.model, version, signatures))
+    return 0
+
+
+def _model_command(
+    prog: str,
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    report: Callable[[argparse.Namespace], int],
+) -> int:
+    """Parse the flags of a command that asks a server about one model, then run `report`."""
     args = _parse(parser, argv)
     if isinstance(args, int):
         return args
     if not args.model:
         return _usage(parser, "--model is required")
-
-    def action() -> int:
-        with _open_client(args, label=args.label) as client:
-            signatures = client.metadata()
-            version = client.served_version()
-        if args.json:
-            document = {"model": args.model, "version": version, "signatures": signatures}
-            print(json.dumps(document, indent=2))
-        else:
-            print(_format_signatures(args.model, version, signatures))
-        return 0
-
-    return _run("convstack metadata", action)
+    return _run(prog, lambda: report(args))
 
 
 def _usage(parser: argparse.ArgumentParser, message: str) -> int:

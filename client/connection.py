@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import grpc
 
-from client.errors import PredictionError, from_rpc_error
+from convstack.client.errors import PredictionError, from_rpc_error
 
 __all__ = [
     "ROUND_ROBIN",

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from client.errors import PredictionError
+from convstack.client.errors import PredictionError
 
 __all__ = ["SUPPORTED_FORMATS", "image_shape", "load_image", "load_images", "resize_bilinear"]
 

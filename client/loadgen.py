@@ -33,8 +33,8 @@ from typing import Literal
 import grpc
 import numpy as np
 
-from client._protos import predict_pb2
-from client.tensors import to_tensor_proto
+from convstack.client._protos import predict_pb2
+from convstack.client.tensors import to_tensor_proto
 
 __all__ = [
     "CLIENT_OVERLOAD",
@@ -241,14 +241,24 @@ def rest_predict_body(spec: LoadSpec) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
+def rest_model_url(
+    target: str, model_name: str, version: int | None = None, label: str | None = None
+) -> str:
+    """TF Serving's REST address of a model: `<target>/v1/models/<name>`, then
+    `/versions/<v>` or `/labels/<l>` when given (a version wins over a label)."""
+    url = f"{target.rstrip('/')}/v1/models/{model_name}"
+    if version is not None:
+        return f"{url}/versions/{version}"
+    if label is not None:
+        return f"{url}/labels/{label}"
+    return url
+
+
 def rest_predict_url(spec: LoadSpec) -> str:
     """`<target>/v1/models/<name>[/versions/<v>|/labels/<l>]:predict`."""
-    url = f"{spec.target.rstrip('/')}/v1/models/{spec.model_name}"
-    if spec.version is not None:
-        url += f"/versions/{spec.version}"
-    elif spec.version_label is not None:
-        url += f"/labels/{spec.version_label}"
-    return url + ":predict"
+    return rest_model_url(spec.target, spec.model_name, spec.version, spec.version_label) + (
+        ":predict"
+    )
 
 
 # --- transports -------------------------------------------------------------------------------

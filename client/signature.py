@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client._protos import types_pb2
-from client.errors import PredictionError, invalid_argument
-from client.tensors import ENUM_TO_DTYPE
+from convstack.client._protos import types_pb2
+from convstack.client.errors import PredictionError, invalid_argument
+from convstack.client.tensors import ENUM_TO_DTYPE
 
 __all__ = [
     "STRING",

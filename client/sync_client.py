@@ -17,8 +17,8 @@ from typing import NamedTuple
 import grpc
 import numpy as np
 
-from client import _protos as protos
-from client.connection import (
+from convstack.client import _protos as protos
+from convstack.client.connection import (
     ConnectionSettings,
     RetryPolicy,
     TlsConfig,
@@ -26,17 +26,17 @@ from client.connection import (
     deadline_error,
     open_channel,
 )
-from client.errors import PredictionError, invalid_argument
-from client.signature import (
+from convstack.client.errors import PredictionError, invalid_argument
+from convstack.client.signature import (
     SignatureSpec,
     check_output_filter,
     find_signature,
     parse_signature_def_map,
     prepare_inputs,
 )
-from client.tensors import to_ndarray, to_tensor_proto
+from convstack.client.tensors import to_ndarray, to_tensor_proto
 
-__all__ = ["ClientCore", "Prediction", "PredictionClient"]
+__all__ = ["ClientBase", "ClientCore", "Prediction", "PredictionClient"]
 
 STABLE = "stable"
 CANARY = "canary"
@@ -312,31 +312,9 @@ def client_settings(target: str, **kwargs) -> ConnectionSettings:
     )
 
 
-class PredictionClient:
-    """A TensorFlow Serving client for one model, speaking only `tensorflow_serving.apis`.
-
-    ```
-    with PredictionClient("localhost:8500", "digits") as client:
-        prediction = client.predict(images)      # float32 [n, 28, 28, 1]
-        print(prediction["classes"], prediction.version)
-    ```
-
-    Routing: `version` pins a version, `version_label` a label (e.g. "stable"); neither means
-    the highest loaded version. `canary_fraction=0.1` sends that share of calls to the "canary"
-    label and the rest to "stable" (`Prediction.label` tells which); `rng` seeds that draw and
-    the retry jitter.
-
-    Connection: `timeout` is each call's deadline in seconds, retries included (None: none);
-    `retries` retries with full-jitter exponential `backoff` (base, cap) seconds on the
-    `retry_codes` (UNAVAILABLE only by default: other failures would fail again);
-    `keepalive_seconds` pings a connection with calls in flight; `max_message_bytes` bounds
-    both directions; `tls` (a TlsConfig) for TLS and mutual TLS; `metadata` pairs go with every
-    call (e.g. ("authorization", "Bearer ...")). Targets naming a resolver (`dns:///host:8500`,
-    `ipv4:a:p,b:p`) balance calls round_robin over all addresses (`load_balancing` overrides).
-
-    Inputs are checked against the signature (fetched once per route, then cached) before
-    sending, unless `validate=False`. Every failure raises PredictionError.
-    """
+class ClientBase:
+    """What PredictionClient and AsyncPredictionClient share: their arguments, the routing core
+    and the connection settings (see PredictionClient for the arguments)."""
 
     def __init__(
         self,
@@ -382,10 +360,14 @@ class PredictionClient:
             load_balancing=load_balancing,
             channel_options=channel_options,
         )
-        self._channel = open_channel(self._settings)
+        self._channel = None
+        self._predictions = None
+        self._models = None
         self._closed = False
-        self._predictions = protos.prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        self._models = protos.model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._connect()
+
+    def _connect(self) -> None:
+        """Open the channel at construction; the asyncio client leaves it for first use."""
 
     @property
     def target(self) -> str:
@@ -394,6 +376,38 @@ class PredictionClient:
     @property
     def model_name(self) -> str:
         return self._core.model_name
+
+
+class PredictionClient(ClientBase):
+    """A TensorFlow Serving client for one model, speaking only `tensorflow_serving.apis`.
+
+    ```
+    with PredictionClient("localhost:8500", "digits") as client:
+        prediction = client.predict(images)      # float32 [n, 28, 28, 1]
+        print(prediction["classes"], prediction.version)
+    ```
+
+    Routing: `version` pins a version, `version_label` a label (e.g. "stable"); neither means
+    the highest loaded version. `canary_fraction=0.1` sends that share of calls to the "canary"
+    label and the rest to "stable" (`Prediction.label` tells which); `rng` seeds that draw and
+    the retry jitter.
+
+    Connection: `timeout` is each call's deadline in seconds, retries included (None: none);
+    `retries` retries with full-jitter exponential `backoff` (base, cap) seconds on the
+    `retry_codes` (UNAVAILABLE only by default: other failures would fail again);
+    `keepalive_seconds` pings a connection with calls in flight; `max_message_bytes` bounds
+    both directions; `tls` (a TlsConfig) for TLS and mutual TLS; `metadata` pairs go with every
+    call (e.g. ("authorization", "Bearer ...")). Targets naming a resolver (`dns:///host:8500`,
+    `ipv4:a:p,b:p`) balance calls round_robin over all addresses (`load_balancing` overrides).
+
+    Inputs are checked against the signature (fetched once per route, then cached) before
+    sending, unless `validate=False`. Every failure raises PredictionError.
+    """
+
+    def _connect(self) -> None:
+        self._channel = open_channel(self._settings)
+        self._predictions = protos.prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = protos.model_service_pb2_grpc.ModelServiceStub(self._channel)
 
     def __enter__(self) -> PredictionClient:
         return self

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from client._protos import tensor_pb2, tensor_shape_pb2, types_pb2
+from convstack.client._protos import tensor_pb2, tensor_shape_pb2, types_pb2
 
 try:  # an optional dependency of the client, always present next to TensorFlow
     import ml_dtypes

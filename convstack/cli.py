@@ -8,22 +8,54 @@ import sys
 
 # verb -> (module, function, one-line help). Nested verbs use "verb subverb".
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("trainer.cli", "train_main", "train the Conv2D model and export a version"),
-    "data": ("trainer.data_cli", "data_main", "dataset tools: to-tfrecord"),
-    "serve": ("serving.cli", "serve_main", "serve models over TF Serving's gRPC and REST APIs"),
-    "models-config": ("serving.cli", "models_config_main", "write or edit a models.config"),
-    "predict": ("client.cli", "predict_main", "classify images via a server or a SavedModel"),
-    "status": ("client.cli", "status_main", "versions of a model and their states"),
-    "metadata": ("client.cli", "metadata_main", "signatures of a model: inputs, outputs, shapes"),
-    "bench train": ("trainer.bench", "bench_main", "custom loop vs model.fit, 1 vs 2 replicas"),
-    "bench client": ("client.bench", "bench_main", "load generator: throughput, latency, codec"),
-    "loadgen": ("client.bench", "bench_main", "the same as bench client"),
-    "bench serve": ("serving.bench", "bench_main", "in-process vs gRPC/REST, batching on and off"),
-    "rollout": ("convstack.rollout_entry", "rollout_main", "canary, promote, roll back, retire"),
-    "k8s render": ("convstack.k8s_render", "render_main", "render (and validate) a k8s/ overlay"),
-    "k8s train": ("convstack.k8s_launch", "train_main", "run a training Job, stream its log"),
-    "k8s deploy": ("convstack.k8s_launch", "deploy_main", "apply the serving stack and wait"),
-    "k8s rollout": ("convstack.k8s_launch", "rollout_main", "run convstack rollout in a Job"),
+    "train": ("convstack.trainer.cli", "train_main", "train the Conv2D model and export a version"),
+    "data": ("convstack.trainer.data_cli", "data_main", "dataset tools: to-tfrecord"),
+    "serve": (
+        "convstack.serving.cli",
+        "serve_main",
+        "serve models over TF Serving's gRPC and REST APIs",
+    ),
+    "models-config": (
+        "convstack.serving.cli",
+        "models_config_main",
+        "write or edit a models.config",
+    ),
+    "predict": (
+        "convstack.client.cli",
+        "predict_main",
+        "classify images via a server or a SavedModel",
+    ),
+    "status": ("convstack.client.cli", "status_main", "versions of a model and their states"),
+    "metadata": (
+        "convstack.client.cli",
+        "metadata_main",
+        "signatures of a model: inputs, outputs, shapes",
+    ),
+    "bench train": (
+        "convstack.bench.train",
+        "bench_main",
+        "custom loop vs model.fit, 1 vs 2 replicas",
+    ),
+    "bench client": (
+        "convstack.bench.client",
+        "bench_main",
+        "load generator: throughput, latency, codec",
+    ),
+    "loadgen": ("convstack.bench.client", "bench_main", "the same as bench client"),
+    "bench serve": (
+        "convstack.bench.serve",
+        "bench_main",
+        "in-process vs gRPC/REST, batching on and off",
+    ),
+    "rollout": (
+        "convstack.serving.rollout.cli",
+        "rollout_main",
+        "canary, promote, roll back, retire",
+    ),
+    "k8s render": ("convstack.k8s.render", "render_main", "render (and validate) a k8s/ overlay"),
+    "k8s train": ("convstack.k8s.launch", "train_main", "run a training Job, stream its log"),
+    "k8s deploy": ("convstack.k8s.launch", "deploy_main", "apply the serving stack and wait"),
+    "k8s rollout": ("convstack.k8s.launch", "rollout_main", "run convstack rollout in a Job"),
 }
 
 

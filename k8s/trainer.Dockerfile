@@ -41,7 +41,7 @@ ENV PYTHONUNBUFFERED=1 \
 # The wheel is bind-mounted from the build stage, so no layer keeps a copy of it.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-cache-dir /wheels/*.whl \
-    && python -c "import tensorflow as tf, trainer, serving, client; print(tf.__version__)"
+    && python -c "import tensorflow as tf, convstack.trainer, convstack.serving, convstack.client; print(tf.__version__)"
 
 # uid/gid 1000, matching the pods' runAsUser/runAsGroup/fsGroup. A numeric USER lets the kubelet
 # verify runAsNonRoot. (Reuse the ids if the base image already has such a user.)

@@ -1,2 +1,2 @@
 """convstack serving: the model repository, models.config, the embedded TF-Serving-compatible
-server, the launcher for real TensorFlow Serving, and rollouts."""
+server and the launcher for real TensorFlow Serving. Rollouts are the `rollout` package."""

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.errors import (
+from convstack.serving.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,

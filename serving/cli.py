@@ -13,8 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convstack.logs import configure_logging
-from serving import launcher
+from convstack.common.flags import whole_number
+from convstack.common.logs import configure_logging
+from convstack.serving import launcher
 
 EXIT_BAD_INPUT = 2
 
@@ -159,22 +160,15 @@ class UsageError(ValueError):
     """Bad flags or files; one line, exit status 2."""
 
 
-def thread_count(text: str) -> int:
-    """A thread count for TensorFlow: 0 (TensorFlow decides) or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (TensorFlow decides) or more, not {value}")
-    return value
+# A thread count for TensorFlow: 0 (TensorFlow decides) or more.
+thread_count = whole_number(0, "must be 0 (TensorFlow decides) or more")
 
 
 def tensorflow_threads_from_args(args):
     """The embedded server's TensorFlow thread pools, by TF Serving's rules (server.cc): the
     intra/inter-op flags win when either is set, else the session flag sets both; all three
     at once is an error."""
-    from serving.server import TensorFlowThreads
+    from convstack.serving.server import TensorFlowThreads
 
     intra, inter = args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism
     session = args.tensorflow_session_parallelism
@@ -196,7 +190,7 @@ def tensorflow_threads_from_args(args):
 
 def model_config_from_args(args):
     """The ModelServerConfig the flags describe (file, or a single model)."""
-    from serving import model_config
+    from convstack.serving import model_config
 
     single = args.model_name or args.model_base_path or args.model_base
     if args.model_config_file and single:
@@ -217,7 +211,7 @@ def model_config_from_args(args):
 
 
 def tls_from_args(args):
-    from serving.server import TlsOptions
+    from convstack.serving.server import TlsOptions
 
     if args.ssl_config_file:
         return tls_from_ssl_config(Path(args.ssl_config_file))
@@ -241,7 +235,7 @@ _SSL_FIELD = re.compile(
 def tls_from_ssl_config(path: Path):
     """TF Serving's SSLConfig holds PEM contents inline; they are written to private temporary
     files for grpc."""
-    from serving.server import TlsOptions
+    from convstack.serving.server import TlsOptions
 
     text = re.sub(r"#[^\n]*", "", path.read_text())
     values: dict[str, str] = {}
@@ -268,9 +262,9 @@ def tls_from_ssl_config(path: Path):
 
 
 def server_options(args):
-    from serving.batching import load_batching_parameters
-    from serving.metrics import MonitoringConfig, load_monitoring_config
-    from serving.server import ServerOptions
+    from convstack.serving.batching import load_batching_parameters
+    from convstack.serving.metrics import MonitoringConfig, load_monitoring_config
+    from convstack.serving.server import ServerOptions
 
     batching = None
     if args.enable_batching or args.batching_parameters_file:
@@ -308,7 +302,7 @@ def server_options(args):
 
 
 def _default_batching():
-    from serving.batching import BatchingParameters
+    from convstack.serving.batching import BatchingParameters
 
     return BatchingParameters()
 
@@ -350,8 +344,8 @@ def serve_main(argv: list[str]) -> int:
     except (UsageError, ValueError, OSError) as exc:
         print(f"convstack serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from serving.errors import ServingError
-    from serving.server import EmbeddedServer
+    from convstack.serving.errors import ServingError
+    from convstack.serving.server import EmbeddedServer
 
     try:
         return asyncio.run(EmbeddedServer(options).run())
@@ -364,7 +358,7 @@ def serve_main(argv: list[str]) -> int:
 
 
 def _exec_tfserving(args, where: str) -> int:
-    from serving import model_config
+    from convstack.serving import model_config
 
     tensorflow_threads_from_args(args)  # the same one-line error TF Serving would exit with
     config_path = args.model_config_file
@@ -460,7 +454,7 @@ def _parse_labels(items: list[str]) -> dict[str, int]:
 
 
 def models_config_main(argv: list[str]) -> int:
-    from serving import model_config as mc
+    from convstack.serving import model_config as mc
 
     args = build_models_config_parser().parse_args(argv)
     path = Path(args.config)

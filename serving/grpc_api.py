@@ -20,9 +20,9 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from client.tensors import to_ndarray, to_tensor_proto
-from serving.errors import InvalidArgument, ServingError, Unimplemented
-from serving.inference import InferenceService, ModelRef, PredictResult
+from convstack.client.tensors import to_ndarray, to_tensor_proto
+from convstack.serving.errors import InvalidArgument, ServingError, Unimplemented
+from convstack.serving.inference import InferenceService, ModelRef, PredictResult
 
 log = logging.getLogger(__name__)
 

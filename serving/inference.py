@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.batching import BatchingParameters, BatchScheduler, BatchStats
-from serving.errors import (
+from convstack.serving.batching import BatchingParameters, BatchScheduler, BatchStats
+from convstack.serving.errors import (
     DeadlineExceeded,
     Internal,
     InvalidArgument,
     ResourceExhausted,
     ServingError,
 )
-from serving.manager import ModelManager, VersionStatus
-from serving.metrics import ServingMetrics
+from convstack.serving.manager import ModelManager, VersionStatus
+from convstack.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving import model_config
-from serving.errors import (
+from convstack.serving import model_config
+from convstack.serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -33,9 +33,9 @@ from serving.errors import (
     ServingError,
     error_for_code,
 )
-from serving.model_config import ModelConfig, ModelServerConfig
-from serving.servable import LoadedVersion, LoadError, load_version
-from serving.version_policy import aspired_versions, numeric_version_dirs
+from convstack.serving.model_config import ModelConfig, ModelServerConfig
+from convstack.serving.servable import LoadedVersion, LoadError, load_version
+from convstack.serving.version_policy import aspired_versions, numeric_version_dirs
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+from convstack.common.files import write_atomic
 
 ModelServerConfig = model_server_config_pb2.ModelServerConfig
 ModelConfig = model_server_config_pb2.ModelConfig
@@ -65,37 +66,11 @@ def format_model_config(config: ModelServerConfig) -> str:
 
 
 def write_model_config(path: str | os.PathLike, config: ModelServerConfig) -> None:
-    """Validate `config` and replace `path` with it atomically.
-
-    The text goes to a temporary file in the same directory (so the rename stays on one file
-    system), is fsynced, then renamed over `path`: a server polling the file sees either the old
-    or the new config, never half of one.
-    """
+    """Validate `config` and replace `path` with it atomically and durably
+    (`convstack.common.files`): a server polling the file sees either the old or the new
+    config, never half of one."""
     validate_model_config(config)
-    path = Path(path)
-    text = format_model_config(config)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates 0600; a server running as another user must still read the config.
-        os.chmod(temp_name, mode)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # makes the rename itself durable
-    finally:
-        os.close(fd)
+    write_atomic(path, format_model_config(config))
 
 
 def single_model_config(name: str, base_path: str | os.PathLike) -> ModelServerConfig:

@@ -7,13 +7,14 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from convstack.common.ports import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,6 @@ EMBEDDED_SERVE = [
 
 class ServerProcessError(RuntimeError):
     """The server exited early or never made its model AVAILABLE; the message has its log."""
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on loopback right now (bound, read, released)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass
@@ -74,11 +63,13 @@ class ServerProcess:
         return cls.launch([config_flag, *flags], log_path, backend=backend)
 
     @classmethod
-    def launch(cls, flags, log_path: Path, backend: str = "embedded", ports=None):
-        """`convstack serve` with `flags` on free (or the given) loopback ports."""
+    def launch(cls, flags, log_path: Path, backend: str = "embedded", ports=None, program=None):
+        """`convstack serve` with `flags` on free (or the given) loopback ports; `program` (say
+        a `tensorflow_model_server` binary) runs instead of `convstack serve`."""
         grpc_port, rest_port = ports or free_ports(2)
         serve = [a if a != "--backend=embedded" else f"--backend={backend}" for a in EMBEDDED_SERVE]
-        command = [*serve, f"--port={grpc_port}", f"--rest_api_port={rest_port}", *flags]
+        ports_flags = [f"--port={grpc_port}", f"--rest_api_port={rest_port}"]
+        command = [*(program or serve), *ports_flags, *flags]
         with open(log_path, "wb") as log_file:
             process = subprocess.Popen(
                 command,

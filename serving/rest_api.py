@@ -12,10 +12,10 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from serving import rest_json
-from serving.errors import InvalidArgument, ServingError
-from serving.inference import InferenceService, ModelRef
-from serving.metrics import MonitoringConfig, ServingMetrics
+from convstack.serving import rest_json
+from convstack.serving.errors import InvalidArgument, ServingError
+from convstack.serving.inference import InferenceService, ModelRef
+from convstack.serving.metrics import MonitoringConfig, ServingMetrics
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from serving.errors import InvalidArgument, Unimplemented
+from convstack.serving.errors import InvalidArgument, Unimplemented
 
 __all__ = [
     "COLUMNAR",

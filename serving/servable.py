@@ -22,7 +22,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, prediction_log_pb2
 
-from serving.errors import (
+from convstack.serving.errors import (
     FailedPrecondition,
     InvalidArgument,
     ServingError,

@@ -17,14 +17,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.batching import BatchingParameters
-from serving.errors import FailedPrecondition
-from serving.grpc_api import ModelServicer, PredictionServicer
-from serving.inference import InferenceService
-from serving.manager import ModelManager
-from serving.metrics import MonitoringConfig, ServingMetrics
-from serving.model_config import ModelConfigError, load_model_config
-from serving.rest_api import RestApi
+from convstack.serving.batching import BatchingParameters
+from convstack.serving.errors import FailedPrecondition
+from convstack.serving.grpc_api import ModelServicer, PredictionServicer
+from convstack.serving.inference import InferenceService
+from convstack.serving.manager import ModelManager
+from convstack.serving.metrics import MonitoringConfig, ServingMetrics
+from convstack.serving.model_config import ModelConfigError, load_model_config
+from convstack.serving.rest_api import RestApi
 
 log = logging.getLogger(__name__)
 

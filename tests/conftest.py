@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+import pytest
 
 # Quiet TensorFlow's C++ start-up logging in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,3 +22,12 @@ def pytest_configure(config):
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(TEST_CPU_DEVICES)]
     )
+
+
+@pytest.fixture(scope="session")
+def exported_version() -> Path:
+    """The tiny model's version, exported once per test process by the trainer (signatures,
+    warmup records, model card); tests copy it, never write into it."""
+    from tests.serving import helpers
+
+    return helpers.exported_version()

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_serves_predicts_over_grpc_and_rest_and_stops_cleanly(tmp_path):
-    from trainer.export import export_version
+    from convstack.trainer.export import export_version
 
     export_version(export_helpers.trained_model(), **export_helpers.export_kwargs(tmp_path))
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "convstack.demo",
+            "convstack.demo.serve",
             "--model-base",
             str(tmp_path),
             "--model-name",
@@ -41,7 +41,7 @@ def test_demo_serves_predicts_over_grpc_and_rest_and_stops_cleanly(tmp_path):
 
 
 def test_rollout_demo_makes_version_1_stable_then_rolls_version_2_out(tmp_path):
-    from trainer.export import export_version
+    from convstack.trainer.export import export_version
 
     for version in (1, 2):
         kwargs = export_helpers.export_kwargs(tmp_path / "models", version=version)
@@ -52,7 +52,7 @@ def test_rollout_demo_makes_version_1_stable_then_rolls_version_2_out(tmp_path):
         [
             sys.executable,
             "-m",
-            "convstack.rollout_demo",
+            "convstack.demo.rollout",
             "--model-base",
             str(tmp_path / "models"),
             "--model-name",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.errors import ConfigError
-from trainer.reporting import write_json_atomic
-from trainer.strategy import WorkerRole
+from convstack.common.files import write_json_atomic
+from convstack.trainer.errors import ConfigError
+from convstack.trainer.strategy import WorkerRole
 
 log = logging.getLogger(__name__)
 

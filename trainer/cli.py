@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from convstack.configs import ConfigValueError, add_config_flags, build_config
-from convstack.logs import configure_logging as shared_logging_setup
-from trainer.config import TrainConfig
-from trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
+from convstack.common.configs import ConfigValueError, add_config_flags, build_config
+from convstack.common.logs import configure_logging as shared_logging_setup
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
 
 EPILOG = f"""\
 exit status: {EXIT_OK} success; {EXIT_BAD_INPUT} bad input or configuration; {EXIT_PREEMPTED}
@@ -52,7 +52,7 @@ def train_main(argv: list[str]) -> int:
         print(f"convstack train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     configure_logging()
-    from trainer.run import train  # imports TensorFlow: only once the config is valid
+    from convstack.trainer.run import train  # imports TensorFlow: only once the config is valid
 
     try:
         result = train(config)

@@ -30,9 +30,9 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from PIL import Image
 
-from trainer import tfrecords
-from trainer.errors import DataError
-from trainer.tfrecords import SPLITS  # the split names are part of the record format
+from convstack.trainer import tfrecords
+from convstack.trainer.errors import DataError
+from convstack.trainer.tfrecords import SPLITS  # the split names are part of the record format
 
 __all__ = ["SPLITS", "Dataset", "DatasetInfo", "load_dataset"]
 

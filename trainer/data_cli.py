@@ -14,27 +14,14 @@ import argparse
 import logging
 import sys
 
-from trainer.config import TrainConfig
-from trainer.errors import EXIT_BAD_INPUT, EXIT_OK, DataError
+from convstack.common.flags import fraction, positive_int
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.errors import EXIT_BAD_INPUT, EXIT_OK, DataError
 
 
 def _default(name: str):
     # The split flags default to what `convstack train` uses, so both split the same way.
     return TrainConfig.model_fields[name].default
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="DIR", help="new or empty directory")
     convert.add_argument(
         "--shards",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         metavar="N",
         help="files per split; give at least as many as training workers (default: 4)",
@@ -71,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("validation_fraction", "test_fraction"):
         convert.add_argument(
             "--" + name.replace("_", "-"),
-            type=_fraction,
+            type=fraction,
             default=_default(name),
             metavar="F",
             help=f"{TrainConfig.model_fields[name].description} (default: {_default(name)})",
@@ -103,8 +90,8 @@ def data_main(argv: list[str]) -> int:
 
 def _to_tfrecord(args: argparse.Namespace) -> str:
     # Imported here: `convstack data --help` should not wait for TensorFlow.
-    from trainer.data import SPLITS, load_dataset
-    from trainer.tfrecords import DATASET_JSON, write_tfrecords
+    from convstack.trainer.data import SPLITS, load_dataset
+    from convstack.trainer.tfrecords import DATASET_JSON, write_tfrecords
 
     dataset = load_dataset(
         args.data,

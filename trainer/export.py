@@ -24,8 +24,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import model_card, signatures, tflite_export, warmup
-from trainer.errors import ExportError, VersionExistsError
+from convstack.common.files import fsync_path, fsync_tree
+from convstack.trainer import model_card, signatures, tflite_export, warmup
+from convstack.trainer.errors import ExportError, VersionExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -238,22 +239,6 @@ def _write_and_verify(
     return card
 
 
-def _fsync(path: Path | str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(directory: Path) -> None:
-    # After a crash the renamed version must not point at files whose data never hit the disk.
-    for root, _, files in os.walk(directory):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-
-
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -300,7 +285,7 @@ def _publish(temp_dir: Path, model_dir: Path, version: int) -> Path:
                 f"version {version} already exists at {target}; versions are never overwritten"
             ) from exc
         raise
-    _fsync(model_dir)  # makes the rename itself durable
+    fsync_path(model_dir)  # makes the rename itself durable
     return target
 
 
@@ -373,7 +358,7 @@ def export_version(
             logger.info("Non-chief export of version %d verified; removing %s", version, temp_dir)
             return ExportResult(version, temp_dir, card)
         _before_rename(temp_dir)
-        _fsync_tree(temp_dir)
+        fsync_tree(temp_dir)
         final = _publish(temp_dir, model_dir, version)
     except ExportError:
         raise

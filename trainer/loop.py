@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import keras
 import tensorflow as tf
 
-from trainer.config import TrainConfig
-from trainer.model import build_model
-from trainer.strategy import StrategySetup
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.model import build_model
+from convstack.trainer.strategy import StrategySetup
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import keras
 
-from trainer.config import ModelConfig
+from convstack.trainer.config import ModelConfig
 
 
 def _conv_block(x, filters: int, config: ModelConfig, index: int):

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any
 
-from trainer.errors import ExportError
+from convstack.trainer.errors import ExportError
 
 CARD_FILE = Path("assets.extra") / "model_card.json"
 SCHEMA_VERSION = 1

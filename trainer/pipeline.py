@@ -12,9 +12,9 @@ import hashlib
 
 import tensorflow as tf
 
-from trainer import tfrecords
-from trainer.data import Dataset
-from trainer.errors import DataError
+from convstack.trainer import tfrecords
+from convstack.trainer.data import Dataset
+from convstack.trainer.errors import DataError
 
 # Enough to mix examples across the interleaved shards without holding a large dataset in RAM.
 TFRECORD_SHUFFLE_BUFFER = 10_000

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from convstack.common.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,6 @@ class EpochRecord:
     val_accuracy: float
     seconds: float
     images_per_second: float
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON via a temporary file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
 
 
 def load_history(path: Path, completed_epochs: int) -> list[EpochRecord]:

@@ -13,24 +13,24 @@ from pathlib import Path
 
 import keras
 
-from trainer import pipeline
-from trainer.checkpoints import RunCheckpoints, check_run_identity, worker_scratch_dir
-from trainer.config import TrainConfig
-from trainer.data import Dataset, load_dataset
-from trainer.errors import Preempted, VersionExistsError
-from trainer.export import ExportResult, export_version
-from trainer.loop import DistributedTrainer, StepTotals, mixed_precision_policy
-from trainer.preemption import PreemptionWatcher
-from trainer.reporting import (
+from convstack.common.files import write_json_atomic
+from convstack.trainer import pipeline
+from convstack.trainer.checkpoints import RunCheckpoints, check_run_identity, worker_scratch_dir
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.data import Dataset, load_dataset
+from convstack.trainer.errors import Preempted, VersionExistsError
+from convstack.trainer.export import ExportResult, export_version
+from convstack.trainer.loop import DistributedTrainer, StepTotals, mixed_precision_policy
+from convstack.trainer.preemption import PreemptionWatcher
+from convstack.trainer.reporting import (
     EpochProgress,
     EpochRecord,
     TensorBoardLog,
     load_history,
     save_history,
     save_learning_curves,
-    write_json_atomic,
 )
-from trainer.strategy import StrategySetup, select_strategy
+from convstack.trainer.strategy import StrategySetup, select_strategy
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.errors import ExportError
+from convstack.trainer.errors import ExportError
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGE_BYTES = "predict_image_bytes"

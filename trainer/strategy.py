@@ -7,7 +7,7 @@ import json
 import logging
 from dataclasses import dataclass
 
-from trainer.errors import ConfigError
+from convstack.trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

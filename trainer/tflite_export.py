@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import signatures
-from trainer.errors import ExportError
+from convstack.trainer import signatures
+from convstack.trainer.errors import ExportError
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,11 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from trainer.errors import DataError
+from convstack.common.files import publish, temporary_path
+from convstack.trainer.errors import DataError
 
 if TYPE_CHECKING:
-    from trainer.data import Dataset
+    from convstack.trainer.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,13 @@ def write_tfrecords(
         for split, paths in plan.items():
             _write_split(dataset, split, paths, pending)
         meta = out / DATASET_JSON
-        meta_tmp = _temporary(meta)
+        meta_tmp = temporary_path(meta)
         pending.append((meta_tmp, meta))
         meta_tmp.write_text(json.dumps(_metadata_json(dataset), indent=2) + "\n")
         # An earlier check is not a lock: re-check right before renaming into place.
         _check_writable(dataset, out)
         for temporary, final in pending:
-            os.replace(temporary, final)
+            publish(temporary, final)
     finally:
         for temporary, _ in pending:
             temporary.unlink(missing_ok=True)
@@ -212,11 +212,6 @@ def _check_writable(dataset: Dataset, out: Path) -> None:
         )
 
 
-def _temporary(path: Path) -> Path:
-    # A dot name: `DIR/*.tfrecord` globs do not see half-written files.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _write_split(
     dataset: Dataset, split: str, paths: list[Path], pending: list[tuple[Path, Path]]
 ) -> None:
@@ -225,7 +220,7 @@ def _write_split(
     bounds = [size * i // len(paths) for i in range(len(paths) + 1)]
     examples = _examples(dataset, split)
     for index, path in enumerate(paths):
-        temporary = _temporary(path)
+        temporary = temporary_path(path)
         pending.append((temporary, path))  # before writing, so a failure still cleans it up
         with tf.io.TFRecordWriter(str(temporary)) as writer:
             for _ in range(bounds[index + 1] - bounds[index]):

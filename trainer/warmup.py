@@ -14,8 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
-from trainer import signatures
-from trainer.errors import ExportError
+from convstack.trainer import signatures
+from convstack.trainer.errors import ExportError
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 # TF Serving refuses to load a version whose warmup file holds more records than this.

@@ -5,7 +5,6 @@ embedded server cannot be told to do (fail on purpose, echo call metadata)."""
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from concurrent import futures
@@ -21,10 +20,11 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from client.tensors import to_ndarray, to_tensor_proto
-from serving.process import ServerProcess
+from convstack.client.tensors import to_ndarray, to_tensor_proto
+from convstack.serving.process import ServerProcess
 from tests.loopback import free_ports
 from tests.serving.conformance.conftest import Server
+from tests.serving.helpers import make_repository
 from tests.trainer import export_helpers
 
 MODEL = "tiny"
@@ -38,24 +38,6 @@ _REQUEST_COUNT = re.compile(
 def images(count: int, seed: int = 7) -> np.ndarray:
     """float32 [count, 28, 28, 1] images of the tiny model's synthetic classes."""
     return export_helpers.synthetic_data(count, seed)[0]
-
-
-@pytest.fixture(scope="session")
-def exported_version(tmp_path_factory) -> Path:
-    """One version of the tiny model exported by the trainer."""
-    from trainer.export import export_version
-
-    base = tmp_path_factory.mktemp("exported")
-    result = export_version(export_helpers.trained_model(), **export_helpers.export_kwargs(base))
-    return result.path
-
-
-def make_repository(root: Path, source: Path, versions: list[int]) -> Path:
-    """<root>/tiny/<v> copies of one export; responses tell the versions apart."""
-    model_dir = root / MODEL
-    for version in versions:
-        shutil.copytree(source, model_dir / str(version))
-    return model_dir
 
 
 def config_text(base_path: Path, policy: str = "all {}", labels: dict | None = None) -> str:
@@ -88,7 +70,7 @@ def launch(directory: Path, flags: list[str], grpc_port: int | None = None) -> M
     server = ServerProcess.launch(
         [f"--monitoring_config_file={monitoring}", *flags], log_path, ports=(grpc_port, rest_port)
     )
-    return ModelServer("embedded", server.process, grpc_port, rest_port, log_path)
+    return ModelServer(server.process, grpc_port, rest_port, log_path)
 
 
 def wait_ready(server: ModelServer, timeout: float = 120) -> ModelServer:

@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client import AsyncPredictionClient, PredictionClient, PredictionError
+from convstack.client import AsyncPredictionClient, PredictionClient, PredictionError
 from tests.client.conftest import MODEL, images, request_counts
 
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import PredictionClient, load_images
-from client.cli import metadata_main, predict_main, status_main
+from convstack.client import PredictionClient, load_images
+from convstack.client.cli import metadata_main, predict_main, status_main
+from convstack.common.ports import free_ports
 from tests.client.conftest import MODEL, images
-from tests.serving.conformance.conftest import free_ports
 
 pytestmark = pytest.mark.slow
 

@@ -11,20 +11,20 @@ import grpc
 import numpy as np
 import pytest
 
-from client import PredictionClient, PredictionError
-from client.connection import ConnectionSettings, RetryPolicy
+from convstack.client import PredictionClient, PredictionError
+from convstack.client.connection import ConnectionSettings, RetryPolicy
+from convstack.common.ports import free_ports
 from tests.client.conftest import (
     MODEL,
     config_text,
     count_delta,
     images,
     launch,
-    make_repository,
     request_counts,
     start_server,
     wait_ready,
 )
-from tests.serving.conformance.conftest import free_ports
+from tests.serving.helpers import make_repository
 
 pytestmark = pytest.mark.slow
 

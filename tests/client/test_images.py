@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from client.errors import PredictionError
-from client.images import image_shape, load_image, load_images, resize_bilinear
-from trainer.signatures import decode_images
+from convstack.client.errors import PredictionError
+from convstack.client.images import image_shape, load_image, load_images, resize_bilinear
+from convstack.trainer.signatures import decode_images
 
 SHAPE = (-1, 28, 28, 1)
 

@@ -11,8 +11,8 @@ import socket
 import numpy as np
 import pytest
 
-from client import _protos
-from client.loadgen import (
+from convstack.client import _protos
+from convstack.client.loadgen import (
     CLIENT_OVERLOAD,
     LoadResult,
     LoadSpec,
@@ -23,7 +23,7 @@ from client.loadgen import (
     run_load,
     run_load_sync,
 )
-from client.tensors import to_ndarray
+from convstack.client.tensors import to_ndarray
 
 IMAGES = np.random.default_rng(0).uniform(0, 1, size=(2, 28, 28, 1)).astype(np.float32)
 INPUTS = {"images": IMAGES}
@@ -132,7 +132,7 @@ def test_result_json_turns_missing_latencies_into_null():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One embedded server for the module, serving tiny version 1."""
-    from serving.bench import ServerProcess
+    from convstack.bench.serve import ServerProcess
     from tests.serving.helpers import make_model_dir
 
     root = tmp_path_factory.mktemp("loadgen")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from client.errors import PredictionError
-from client.signature import (
+from convstack.client.errors import PredictionError
+from convstack.client.signature import (
     SignatureSpec,
     TensorSpec,
     check_output_filter,

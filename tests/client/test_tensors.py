@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from client import _protos
-from client.tensors import (
+from convstack.client import _protos
+from convstack.client.tensors import (
     DTYPE_TO_ENUM,
     ENUM_TO_DTYPE,
     dtype_name,

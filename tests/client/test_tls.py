@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from client import PredictionClient, PredictionError, TlsConfig
-from client.cli import status_main
-from tests.client.conftest import MODEL, images, make_repository, start_server
+from convstack.client import PredictionClient, PredictionError, TlsConfig
+from convstack.client.cli import status_main
+from tests.client.conftest import MODEL, images, start_server
+from tests.serving.helpers import make_repository
 
 pytestmark = [
     pytest.mark.slow,

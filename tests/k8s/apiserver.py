@@ -18,7 +18,7 @@ API server's semantics where they matter to convstack:
 - pod logs, streamed (`follow=true`) while the scripted container "runs".
 
 Every object body the server receives (create, apply, and the result of every merge patch) is
-validated strictly against the Kubernetes schema of `convstack.k8s_render.KUBERNETES_VERSION`
+validated strictly against the Kubernetes schema of `convstack.k8s.render.KUBERNETES_VERSION`
 with `kubernetes_validate`: an invalid one is refused with 422 and recorded in `invalid`, which
 the fixtures assert to be empty at teardown.
 """
@@ -41,7 +41,7 @@ import kubernetes_validate
 import yaml
 from aiohttp import web
 
-from convstack.k8s_render import KUBERNETES_VERSION, describe
+from convstack.k8s.render import KUBERNETES_VERSION, describe
 
 # URL plural -> (kind, apiVersion, namespaced)
 RESOURCES = {

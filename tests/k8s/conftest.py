@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from convstack import k8s_render
+from convstack.k8s import render
 
 # Listed here (not discovered) so a vanished overlay fails; test_render checks the list is
 # complete.
@@ -27,7 +27,7 @@ def require_kubectl() -> None:
 def rendered() -> dict[str, list[dict]]:
     """overlay name -> its rendered objects."""
     require_kubectl()
-    return {name: k8s_render.render(name) for name in OVERLAYS}
+    return {name: render.render(name) for name in OVERLAYS}
 
 
 @pytest.fixture(params=OVERLAYS)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from convstack import k8s_render
+from convstack.k8s import render
 from tests.k8s.manifests import all_containers, by_kind, container, one, pod_spec
 
-ROOT = Path(k8s_render.__file__).resolve().parent.parent
+ROOT = Path(render.__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "k8s" / "trainer.Dockerfile"
 DOCKERIGNORE = ROOT / "k8s" / "trainer.Dockerfile.dockerignore"
 WORKFLOW = ROOT / ".github" / "workflows" / "kind-e2e.yml"
@@ -98,9 +98,7 @@ def test_image_entrypoint_is_the_convstack_command(dockerfile):
 
 
 def test_image_installs_every_package_and_the_context_keeps_them(dockerfile):
-    packages = [
-        p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]
-    ]
+    packages = set(pyproject()["tool"]["setuptools"]["package-dir"].values())
     copied = {
         source.rstrip("/")
         for instruction, arguments in dockerfile
@@ -141,13 +139,12 @@ def test_workflow_runs_the_cluster_tests_on_the_pinned_kubernetes(workflow):
     commands = workflow_commands(workflow)
     assert "docker build -f k8s/trainer.Dockerfile" in commands
     assert re.search(
-        r"pytest tests/k8s/test_cluster\.py tests/serving/test_configmap_store\.py\s+-m cluster",
+        r"pytest tests/k8s/test_cluster\.py tests/serving/rollout/test_configmap_store\.py"
+        r"\s+-m cluster",
         commands,
     )
     node_image = workflow["env"]["KIND_NODE_IMAGE"]
-    assert re.fullmatch(
-        rf"kindest/node:v{re.escape(k8s_render.KUBERNETES_VERSION)}\.\d+", node_image
-    )
+    assert re.fullmatch(rf"kindest/node:v{re.escape(render.KUBERNETES_VERSION)}\.\d+", node_image)
 
 
 def test_workflow_loads_the_images_the_local_overlay_runs(workflow, rendered):

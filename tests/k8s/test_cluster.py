@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 import yaml
 
-from client.sync_client import PredictionClient
-from convstack import k8s_render
-from convstack.k8s_launch import deploy_main, train_main
-from convstack.k8s_objects import in_namespace
-from serving import rollout_plan
-from serving.config_store import update_config
-from serving.configmap_store import ConfigMapStore
-from serving.rollout_watch import wait_for_state
+from convstack.client.sync_client import PredictionClient
+from convstack.k8s import render
+from convstack.k8s.launch import deploy_main, train_main
+from convstack.k8s.objects import in_namespace
+from convstack.serving.rollout import plan as rollout_plan
+from convstack.serving.rollout.configmap_store import ConfigMapStore
+from convstack.serving.rollout.store import update_config
+from convstack.serving.rollout.watch import wait_for_state
 from tests.k8s.manifests import container, one
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -119,8 +119,8 @@ def reachable_cluster() -> None:
 @pytest.fixture(scope="module")
 def objects(reachable_cluster) -> list[dict]:
     """The local overlay, validated, with the trainer image the cluster has."""
-    rendered = k8s_render.render(OVERLAY)
-    k8s_render.validate(rendered)
+    rendered = render.render(OVERLAY)
+    render.validate(rendered)
     image = os.environ.get(TRAINER_IMAGE_ENV)
     if image:
         for obj in rendered:
@@ -195,7 +195,7 @@ def served(cluster, objects) -> Iterator[PortForward]:
 
 def digits_test_images(count: int) -> tuple[np.ndarray, np.ndarray]:
     """Test images preprocessed as the trainer does (the client's job for `images`)."""
-    from trainer.data import load_dataset
+    from convstack.trainer.data import load_dataset
 
     images, labels = load_dataset("digits").arrays("test", limit=count)
     return np.ascontiguousarray(images), np.asarray(labels)

@@ -1,11 +1,11 @@
 """What `convstack k8s deploy` applies and how it reads a Deployment's rollout
-(convstack/k8s_deploy.py), on the rendered overlays and plain dicts."""
+(convstack/k8s/deploy.py), on the rendered overlays and plain dicts."""
 
 from __future__ import annotations
 
 import pytest
 
-from convstack.k8s_deploy import field_owners, rollout_state, serving_objects, serving_stack
+from convstack.k8s.deploy import field_owners, rollout_state, serving_objects, serving_stack
 
 SERVING_CONFIG = "convstack-serving-config"
 

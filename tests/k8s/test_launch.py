@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from convstack import k8s_launch, k8s_render
-from convstack.k8s_errors import (
+from convstack.common.kube_api import KubeApi
+from convstack.k8s import launch, render
+from convstack.k8s.errors import (
     EXIT_API_ERROR,
     EXIT_BAD_INPUT,
     EXIT_FAILED,
@@ -26,10 +27,9 @@ from convstack.k8s_errors import (
     EXIT_TIMEOUT,
     EXIT_USAGE,
 )
-from serving import model_config
-from serving.config_store import update_config
-from serving.configmap_store import ROLLOUT_FIELD_MANAGER, ConfigMapStore
-from serving.kube_api import KubeApi
+from convstack.serving import model_config
+from convstack.serving.rollout.configmap_store import ROLLOUT_FIELD_MANAGER, ConfigMapStore
+from convstack.serving.rollout.store import update_config
 from tests.k8s.apiserver import INDEX_LABEL, JOB_NAME_LABEL, FakeApiServer, PodRun
 from tests.k8s.conftest import require_kubectl
 from tests.k8s.manifests import container, one, service_selects
@@ -60,7 +60,7 @@ def cli(kubeconfig, capsys):
     """Run a `convstack k8s VERB` against the stand-in: (exit status, stdout, stderr)."""
 
     def run(verb: str, *args: str, trainer_args: tuple[str, ...] = ()) -> tuple[int, str, str]:
-        main = {"train": k8s_launch.train_main, "deploy": k8s_launch.deploy_main}[verb]
+        main = {"train": launch.train_main, "deploy": launch.deploy_main}[verb]
         argv = [*args, "--kubeconfig", str(kubeconfig), "--poll-interval", "0.01"]
         if trainer_args:
             argv += ["--", *trainer_args]
@@ -293,7 +293,7 @@ def test_no_cluster_is_one_line(tmp_path, capsys):
     require_kubectl()
     with FakeApiServer() as gone:
         kubeconfig = gone.write_kubeconfig(tmp_path / "kubeconfig")
-    status = k8s_launch.deploy_main(["--overlay", "local", "--kubeconfig", str(kubeconfig)])
+    status = launch.deploy_main(["--overlay", "local", "--kubeconfig", str(kubeconfig)])
     err = capsys.readouterr().err
     assert status == EXIT_API_ERROR
     assert err.count("\n") == 1
@@ -391,7 +391,7 @@ def test_a_second_deploy_keeps_what_a_rollout_wrote(server, cli, kubeconfig):
 
 
 def test_deploy_writes_a_missing_models_config(server, cli):
-    rendered = k8s_render.render("local")
+    rendered = render.render("local")
     config_map = one(rendered, "ConfigMap", SERVING_CONFIG)
     del config_map["data"]["models.config"]
     server.seed(config_map, manager="kubectl")

@@ -10,9 +10,12 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from convstack.configs import build_config
-from serving import batching, metrics, model_config
-from serving.cli import build_serve_parser
+from convstack.common.configs import build_config
+from convstack.serving import batching, metrics, model_config
+from convstack.serving.cli import build_serve_parser
+from convstack.trainer import cli as trainer_cli
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from tests.k8s.conftest import GPU_OVERLAYS, OVERLAYS
 from tests.k8s.manifests import (
     all_containers,
@@ -29,9 +32,6 @@ from tests.k8s.manifests import (
     volume,
     workloads,
 )
-from trainer import cli as trainer_cli
-from trainer.config import TrainConfig
-from trainer.errors import EXIT_BAD_INPUT, EXIT_PREEMPTED
 
 SERVING_CONTAINER = "tensorflow-serving"
 ROLLOUT_JOB = ROLLOUT_ACCOUNT = "convstack-rollout"

@@ -72,7 +72,7 @@ def write_models_config(path: Path, base_path: Path, version: int) -> None:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """<base>/tiny with version 1, exported by the trainer."""
-    from trainer.export import export_version
+    from convstack.trainer.export import export_version
 
     base = tmp_path_factory.mktemp("models")
     result = export_version(export_helpers.trained_model(), **export_helpers.export_kwargs(base))

@@ -11,11 +11,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from convstack import k8s_render
+from convstack.k8s import render
 from tests.k8s.conftest import OVERLAYS, require_kubectl
 from tests.k8s.manifests import by_kind, one, pod_spec, workloads
 
-K8S = k8s_render.k8s_root()
+K8S = render.k8s_root()
 # Kustomize fields that are deprecated (commonLabels also rewrites immutable selectors).
 DEPRECATED_KUSTOMIZE_FIELDS = (
     "commonLabels",
@@ -27,18 +27,18 @@ DEPRECATED_KUSTOMIZE_FIELDS = (
 
 
 def test_the_tested_overlays_are_all_the_overlays():
-    assert tuple(sorted(OVERLAYS)) == tuple(k8s_render.overlay_names())
+    assert tuple(sorted(OVERLAYS)) == tuple(render.overlay_names())
 
 
 @pytest.mark.parametrize(
     "kubernetes_version",
-    [k8s_render.KUBERNETES_VERSION, kubernetes_validate.latest_version()],
+    [render.KUBERNETES_VERSION, kubernetes_validate.latest_version()],
     ids=["pinned", "newest-known"],
 )
 def test_every_object_validates_strictly(overlay, kubernetes_version):
     name, objects = overlay
     assert objects, f"{name} rendered nothing"
-    assert k8s_render.validation_errors(objects, kubernetes_version) == []
+    assert render.validation_errors(objects, kubernetes_version) == []
 
 
 def test_each_overlay_holds_its_workloads(rendered):
@@ -60,23 +60,21 @@ def test_objects_are_unique_and_in_the_overlay_namespace(overlay):
     assert len(keys) == len(set(keys))
     for obj in objects:
         if obj["kind"] != "Namespace":
-            assert obj["metadata"]["namespace"] == namespace, k8s_render.describe(obj)
+            assert obj["metadata"]["namespace"] == namespace, render.describe(obj)
 
 
 def test_namespace_enforces_the_restricted_pod_security_standard(overlay):
     _, objects = overlay
     labels = one(objects, "Namespace")["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert labels["pod-security.kubernetes.io/enforce-version"] == (
-        f"v{k8s_render.KUBERNETES_VERSION}"
-    )
+    assert labels["pod-security.kubernetes.io/enforce-version"] == (f"v{render.KUBERNETES_VERSION}")
 
 
 def test_every_object_and_pod_carries_the_part_of_label(overlay):
     _, objects = overlay
     for obj in objects:
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "convstack", (
-            k8s_render.describe(obj)
+            render.describe(obj)
         )
     for workload in workloads(objects):
         labels = workload["spec"]["template"]["metadata"]["labels"]
@@ -114,7 +112,7 @@ def _deployment(rendered) -> dict:
 def test_validation_reports_an_unknown_field_by_object_and_path(rendered):
     deployment = _deployment(rendered)
     deployment["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
-    problems = k8s_render.validation_errors([deployment])
+    problems = render.validation_errors([deployment])
     assert len(problems) == 1
     assert problems[0].startswith("Deployment/convstack/convstack-serving: ")
     assert "spec.template.spec.containers.0" in problems[0]
@@ -126,7 +124,7 @@ def test_validation_reports_a_wrong_type_and_a_missing_required_field(rendered):
     wrong_type["spec"]["minReadySeconds"] = "ten"
     missing = _deployment(rendered)
     del missing["spec"]["selector"]
-    problems = k8s_render.validation_errors([wrong_type, missing])
+    problems = render.validation_errors([wrong_type, missing])
     assert len(problems) == 2
     assert "minReadySeconds" in problems[0]
     assert "selector" in problems[1]
@@ -135,8 +133,8 @@ def test_validation_reports_a_wrong_type_and_a_missing_required_field(rendered):
 def test_validation_rejects_a_kind_the_version_does_not_know(rendered):
     hpa = copy.deepcopy(one(rendered["local"], "HorizontalPodAutoscaler"))
     hpa["apiVersion"] = "autoscaling/v2beta2"  # removed in Kubernetes 1.26
-    with pytest.raises(k8s_render.ManifestValidationError) as raised:
-        k8s_render.validate([hpa])
+    with pytest.raises(render.ManifestValidationError) as raised:
+        render.validate([hpa])
     assert "autoscaling/v2beta2" in raised.value.problems[0]
 
 
@@ -144,13 +142,13 @@ def test_validation_rejects_a_kind_the_version_does_not_know(rendered):
 
 
 def test_unknown_overlay_names_the_available_ones():
-    with pytest.raises(k8s_render.UnknownOverlayError, match="available: gpu, local, multiworker"):
-        k8s_render.render("staging")
+    with pytest.raises(render.UnknownOverlayError, match="available: gpu, local, multiworker"):
+        render.render("staging")
 
 
 def test_missing_kubectl_is_one_clear_error():
-    with pytest.raises(k8s_render.RenderError, match="not found on PATH"):
-        k8s_render.render("local", kubectl="kubectl-that-does-not-exist")
+    with pytest.raises(render.RenderError, match="not found on PATH"):
+        render.render("local", kubectl="kubectl-that-does-not-exist")
 
 
 def test_a_kustomize_failure_is_reported_with_kustomize_reason(tmp_path):
@@ -158,15 +156,13 @@ def test_a_kustomize_failure_is_reported_with_kustomize_reason(tmp_path):
     broken = tmp_path / "overlays" / "broken"
     broken.mkdir(parents=True)
     (broken / "kustomization.yaml").write_text("resources:\n  - missing.yaml\n")
-    with pytest.raises(
-        k8s_render.RenderError, match=r"kubectl kustomize .*broken: .*missing\.yaml"
-    ):
-        k8s_render.render("broken", root=tmp_path)
+    with pytest.raises(render.RenderError, match=r"kubectl kustomize .*broken: .*missing\.yaml"):
+        render.render("broken", root=tmp_path)
 
 
 def _render_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "convstack.k8s_render", *args],
+        [sys.executable, "-m", "convstack.k8s.render", *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -203,7 +199,7 @@ def test_module_exits_1_and_lists_invalid_objects(tmp_path, rendered, monkeypatc
     deployment["spec"]["replica"] = 2
     (overlay / "deployment.yaml").write_text(yaml.safe_dump(deployment))
     (overlay / "kustomization.yaml").write_text("resources:\n  - deployment.yaml\n")
-    monkeypatch.setenv(k8s_render.K8S_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(render.K8S_DIR_ENV, str(tmp_path))
     result = _render_command("invalid")
     assert result.returncode == 1
     assert result.stdout == ""

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from convstack import k8s_launch, k8s_render
-from convstack.k8s_errors import (
+from convstack.k8s import launch, render
+from convstack.k8s.errors import (
     EXIT_API_ERROR,
     EXIT_FAILED,
     EXIT_OK,
@@ -38,7 +38,7 @@ def server():
     require_kubectl()
     with FakeApiServer() as server:
         # What `convstack k8s deploy` leaves: the namespace and the serving ConfigMap.
-        local = k8s_render.render("local")
+        local = render.render("local")
         server.seed(one(local, "ConfigMap", "convstack-serving-config"))
         yield server
         assert server.invalid == [], "the launcher sent objects invalid for Kubernetes"
@@ -54,7 +54,7 @@ def cli(server, tmp_path, capsys):
         argv = [*args, "--kubeconfig", str(kubeconfig), "--poll-interval", "0.01"]
         if rollout_args is not None:
             argv += ["--", *rollout_args]
-        status = k8s_launch.rollout_main(argv)
+        status = launch.rollout_main(argv)
         out, err = capsys.readouterr()
         return status, out, err
 
@@ -212,5 +212,5 @@ def test_convstack_k8s_rollout_dispatches_here():
         ["--overlay", "local", "--", "run", "2"],
     )
     module, function, _ = convstack_cli.COMMANDS["k8s rollout"]
-    assert (module, function) == ("convstack.k8s_launch", "rollout_main")
-    assert getattr(k8s_launch, function) is k8s_launch.rollout_main
+    assert (module, function) == ("convstack.k8s.launch", "rollout_main")
+    assert getattr(launch, function) is launch.rollout_main

@@ -1,12 +1,12 @@
 """The rollout Job `convstack k8s rollout` would create, planned from the rendered overlays, and
-how it reads a finished rollout Job (convstack/k8s_rollout_plan.py, convstack/k8s_rollout.py),
+how it reads a finished rollout Job (convstack/k8s/rollout_plan.py, convstack/k8s/rollout.py),
 on plain dicts without a cluster."""
 
 from __future__ import annotations
 
 import pytest
 
-from convstack.k8s_errors import (
+from convstack.k8s.errors import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_OOM_KILLED,
@@ -16,9 +16,9 @@ from convstack.k8s_errors import (
     ROLLOUT_STOPPED,
     LaunchError,
 )
-from convstack.k8s_rollout import rollout_outcome
-from convstack.k8s_rollout_plan import merge_rollout_args, plan_rollout
-from serving import rollout_cli
+from convstack.k8s.rollout import rollout_outcome
+from convstack.k8s.rollout_plan import merge_rollout_args, plan_rollout
+from convstack.serving.rollout import cli as rollout_cli
 from tests.k8s.manifests import container
 
 TEMPLATE = ["status", "--model=digits", "--store=configmap:ns/cm", "--servers=dns:///s:8500"]

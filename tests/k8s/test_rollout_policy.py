@@ -10,11 +10,11 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from serving import model_config
-from serving.config_store import update_config
-from serving.configmap_store import ConfigMapStore
-from serving.kube_api import KubeApi
-from serving.rollout_cli import build_parser
+from convstack.common.kube_api import KubeApi
+from convstack.serving import model_config
+from convstack.serving.rollout.cli import build_parser
+from convstack.serving.rollout.configmap_store import ConfigMapStore
+from convstack.serving.rollout.store import update_config
 from tests.k8s.apiserver import FakeApiServer
 from tests.k8s.manifests import (
     by_kind,

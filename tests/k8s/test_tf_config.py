@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from convstack.trainer.errors import EXIT_BAD_INPUT
+from convstack.trainer.strategy import parse_tf_config
 from tests.k8s.manifests import (
     container,
     container_port,
@@ -23,8 +25,6 @@ from tests.k8s.manifests import (
     service_selects,
     volume,
 )
-from trainer.errors import EXIT_BAD_INPUT
-from trainer.strategy import parse_tf_config
 
 JOB = "convstack-train-mw"
 PRINT_TF_CONFIG = [sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"]

@@ -1,5 +1,5 @@
 """The training Job `convstack k8s train` would create, planned from the rendered overlays
-without a cluster (convstack/k8s_training_plan.py)."""
+without a cluster (convstack/k8s/training_plan.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from convstack.k8s_errors import LaunchError
-from convstack.k8s_objects import unique_job_name
-from convstack.k8s_training_plan import (
+from convstack.k8s.errors import LaunchError
+from convstack.k8s.objects import unique_job_name
+from convstack.k8s.training_plan import (
     INDEX_LABEL,
     JOB_NAME_LABEL,
     chief_selector,

@@ -1,18 +1,18 @@
-"""How `convstack k8s train` reads a Job's and its pods' status (convstack/k8s_training_status.py),
+"""How `convstack k8s train` reads a Job's and its pods' status (convstack/k8s/training_status.py),
 on plain dicts shaped as the API returns them."""
 
 from __future__ import annotations
 
 import pytest
 
-from convstack.k8s_errors import (
+from convstack.k8s.errors import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_OOM_KILLED,
     EXIT_PREEMPTED,
 )
-from convstack.k8s_training_status import job_progress, training_outcome
+from convstack.k8s.training_status import job_progress, training_outcome
 
 
 def pod(

@@ -1,10 +1,10 @@
-"""How the k8s commands poll (convstack/k8s_waiting.py), on a simulated clock."""
+"""How the k8s commands poll (convstack/k8s/waiting.py), on a simulated clock."""
 
 from __future__ import annotations
 
 import logging
 
-from convstack.k8s_waiting import Follow, wait_until
+from convstack.k8s.waiting import Follow, wait_until
 
 
 class SimulatedClock:
@@ -23,7 +23,7 @@ class SimulatedClock:
 
 
 def test_polls_until_a_result_logging_each_change_once(caplog):
-    caplog.set_level(logging.INFO, logger="convstack.k8s_waiting")
+    caplog.set_level(logging.INFO, logger="convstack.k8s.waiting")
     clock = SimulatedClock()
     answers = iter([(None, "pending"), (None, "pending"), (None, "running"), ("done", "finished")])
     result = wait_until(Follow(poll=2.0, clock=clock, sleep=clock.sleep), lambda: next(answers))

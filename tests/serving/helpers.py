@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from serving import model_config
+from convstack.serving import model_config
 
 MODEL_NAME = "tiny"
 IMAGE_SHAPE = (28, 28, 1)
@@ -29,8 +29,8 @@ _export_lock = threading.Lock()
 @functools.cache
 def exported_version() -> Path:
     """A version directory of the tiny model exported by trainer.export (shared, read-only)."""
+    from convstack.trainer.export import export_version
     from tests.trainer import export_helpers
-    from trainer.export import export_version
 
     with _export_lock:
         root = Path(tempfile.mkdtemp(prefix="convstack-serving-tests-"))
@@ -58,10 +58,16 @@ def add_corrupt_version(model_dir: Path, version: int) -> Path:
 
 def make_model_dir(root: Path, versions=(1,), name: str = MODEL_NAME) -> Path:
     """`root/name/` holding copies of the exported version as `versions`."""
+    return make_repository(root, exported_version(), versions, name)
+
+
+def make_repository(root: Path, source: Path, versions, name: str = MODEL_NAME) -> Path:
+    """`root/name/` holding copies of the version directory `source` as `versions` (responses
+    tell the copies apart by their model_spec.version)."""
     model_dir = Path(root) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     for version in versions:
-        add_version(model_dir, version)
+        shutil.copytree(source, model_dir / str(version))
     return model_dir
 
 

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from serving.batching import (
+from convstack.serving.batching import (
     BatchingConfigError,
     BatchingParameters,
     BatchScheduler,
@@ -21,7 +21,7 @@ from serving.batching import (
     load_batching_parameters,
     parse_batching_parameters,
 )
-from serving.errors import (
+from convstack.serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     Internal,
@@ -171,7 +171,7 @@ def test_known_but_unimplemented_fields_are_ignored_with_a_warning(caplog):
         "low_priority_max_batch_size { value: 4 }\n"
         "mixed_priority_batching_policy: PRIORITY_MERGE\n"
     )
-    with caplog.at_level(logging.WARNING, logger="serving.batching"):
+    with caplog.at_level(logging.WARNING, logger="convstack.serving.batching"):
         params = parse_batching_parameters(text, source="b.cfg")
     assert params.max_batch_size == 4
     warnings = " ".join(r.getMessage() for r in caplog.records)

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from serving.cli import build_serve_parser, models_config_main
-from serving.model_config import load_model_config
+from convstack.serving.cli import build_serve_parser, models_config_main
+from convstack.serving.model_config import load_model_config
 from tests.loopback import EMBEDDED_SERVE, free_ports
 
 
@@ -178,7 +178,7 @@ def test_a_port_in_use_is_one_clear_error(tmp_path):
 
 
 def test_ssl_config_file_is_read_like_tf_serving(tmp_path):
-    from serving.cli import UsageError, tls_from_ssl_config
+    from convstack.serving.cli import UsageError, tls_from_ssl_config
 
     path = tmp_path / "ssl.config"
     path.write_text(
@@ -204,8 +204,8 @@ def test_ssl_config_file_is_read_like_tf_serving(tmp_path):
 
 
 def test_tensorflow_thread_flags_take_either_spelling_and_default_to_tensorflow_deciding():
-    from serving.cli import tensorflow_threads_from_args
-    from serving.server import TensorFlowThreads
+    from convstack.serving.cli import tensorflow_threads_from_args
+    from convstack.serving.server import TensorFlowThreads
 
     parser = build_serve_parser()
     defaults = parser.parse_args([])
@@ -230,14 +230,14 @@ def test_tensorflow_thread_flags_take_either_spelling_and_default_to_tensorflow_
     ],
 )
 def test_session_parallelism_follows_tf_serving_rules(argv, expected):
-    from serving.cli import tensorflow_threads_from_args
+    from convstack.serving.cli import tensorflow_threads_from_args
 
     threads = tensorflow_threads_from_args(build_serve_parser().parse_args(argv))
     assert (threads.intra_op, threads.inter_op) == expected
 
 
 def test_all_three_thread_flags_or_a_negative_count_are_usage_errors(capsys):
-    from serving.cli import UsageError, tensorflow_threads_from_args
+    from convstack.serving.cli import UsageError, tensorflow_threads_from_args
 
     args = build_serve_parser().parse_args(
         [
@@ -257,8 +257,8 @@ def test_all_three_thread_flags_or_a_negative_count_are_usage_errors(capsys):
 def test_thread_pools_cannot_change_once_tensorflow_runs():
     import tensorflow as tf
 
-    from serving.errors import FailedPrecondition
-    from serving.server import TensorFlowThreads
+    from convstack.serving.errors import FailedPrecondition
+    from convstack.serving.server import TensorFlowThreads
 
     assert float(tf.constant(1.0) + 1.0) == 2.0  # the pytest process's TensorFlow runs
     running = TensorFlowThreads.current()
@@ -270,7 +270,7 @@ def test_thread_pools_cannot_change_once_tensorflow_runs():
 
 @pytest.mark.slow
 def test_embedded_server_runs_tensorflow_with_the_thread_flags(tmp_path):
-    from serving.process import ServerProcess
+    from convstack.serving.process import ServerProcess
     from tests.serving.helpers import MODEL_NAME, make_model_dir
 
     model_dir = make_model_dir(tmp_path / "models")

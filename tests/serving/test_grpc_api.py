@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from tensorflow.core.framework import types_pb2
 
-from client.tensors import to_ndarray
-from serving.grpc_api import predict_response
-from serving.inference import PredictResult
+from convstack.client.tensors import to_ndarray
+from convstack.serving.grpc_api import predict_response
+from convstack.serving.inference import PredictResult
 
 
 def test_predict_response_carries_the_resolved_spec_and_every_output():

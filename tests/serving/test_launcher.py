@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from serving import launcher
-from serving.cli import UsageError, choose_backend
+from convstack.serving import launcher
+from convstack.serving.cli import UsageError, choose_backend
 
 
 def flags(**overrides) -> launcher.TfServingFlags:

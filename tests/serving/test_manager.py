@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from serving import model_config as mc
-from serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
-from serving.manager import ModelManager, VersionState, VersionStatus
+from convstack.serving import model_config as mc
+from convstack.serving.errors import FailedPrecondition, InvalidArgument, NotFound, ServingError
+from convstack.serving.manager import ModelManager, VersionState, VersionStatus
 from tests.serving import helpers
 from tests.serving.helpers import EventLog, add_corrupt_version, add_version, states, wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.metrics import (
+from convstack.serving.metrics import (
     DEFAULT_METRICS_PATH,
     MonitoringConfigError,
     ServingMetrics,

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from serving import model_config as mc
+from convstack.serving import model_config as mc
 
 CONFIG_TEXT = """
 model_config_list {

@@ -10,8 +10,8 @@ import pytest
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from serving.errors import InvalidArgument, NotFound, ServingError
-from serving.rest_json import (
+from convstack.serving.errors import InvalidArgument, NotFound, ServingError
+from convstack.serving.rest_json import (
     COLUMNAR,
     ROW,
     RestFormatError,

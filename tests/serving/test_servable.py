@@ -15,10 +15,10 @@ from tensorflow_serving.apis import (
     prediction_log_pb2,
 )
 
-from serving.errors import FailedPrecondition, InvalidArgument
-from serving.servable import WARMUP_FILE, LoadError, load_version
+from convstack.serving.errors import FailedPrecondition, InvalidArgument
+from convstack.serving.servable import WARMUP_FILE, LoadError, load_version
+from convstack.trainer.warmup import read_warmup_records
 from tests.serving import helpers
-from trainer.warmup import read_warmup_records
 
 
 @pytest.fixture(scope="module")

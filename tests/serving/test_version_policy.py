@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from serving.version_policy import ServableVersionPolicy, aspired_versions, numeric_version_dirs
+from convstack.serving.version_policy import (
+    ServableVersionPolicy,
+    aspired_versions,
+    numeric_version_dirs,
+)
 
 
 def _policy(text: str = "") -> ServableVersionPolicy:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from convstack.configs import ConfigValueError, build_config
-from trainer.cli import build_parser
-from trainer.config import TrainConfig
+from convstack.common.configs import ConfigValueError, build_config
+from convstack.trainer.cli import build_parser
+from convstack.trainer.config import TrainConfig
 
 
 def parse(argv: list[str]) -> TrainConfig:

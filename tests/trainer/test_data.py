@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 from sklearn.datasets import load_digits
 
-from trainer.data import SPLITS, load_dataset
-from trainer.errors import DataError
+from convstack.trainer.data import SPLITS, load_dataset
+from convstack.trainer.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from convstack.trainer import export, model_card, signatures, tflite_export, warmup
+from convstack.trainer.errors import ExportError, VersionExistsError
 from tests.trainer import export_helpers as helpers
-from trainer import export, model_card, signatures, tflite_export, warmup
-from trainer.errors import ExportError, VersionExistsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -268,7 +268,7 @@ _INTERRUPTED_EXPORT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from tests.trainer import export_helpers as helpers
-    from trainer import export
+    from convstack.trainer import export
 
     def hang(temp_dir):
         print("READY", temp_dir, flush=True)
@@ -387,7 +387,7 @@ def test_float32_copy_has_the_same_weights_and_float32_layers(mixed_bfloat16):
 
 
 def test_publish_never_replaces_an_empty_version_directory(tmp_path):
-    from trainer.export import _rename_no_replace
+    from convstack.trainer.export import _rename_no_replace
 
     source = tmp_path / ".export-1-abc"
     source.mkdir()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.config import TrainConfig
-from trainer.loop import DistributedTrainer
-from trainer.strategy import StrategySetup, WorkerRole
+from convstack.trainer.config import TrainConfig
+from convstack.trainer.loop import DistributedTrainer
+from convstack.trainer.strategy import StrategySetup, WorkerRole
 
 IMAGE_SHAPE = (12, 12, 1)
 NUM_CLASSES = 4

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import model_card
-from trainer.errors import ExportError
+from convstack.trainer import model_card
+from convstack.trainer.errors import ExportError
 
 
 def _fields(**overrides) -> dict:

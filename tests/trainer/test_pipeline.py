@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.data.experimental.ops.distribute import _AutoShardDataset
 
-from trainer import pipeline
-from trainer.data import load_dataset
-from trainer.errors import DataError
+from convstack.trainer import pipeline
+from convstack.trainer.data import load_dataset
+from convstack.trainer.errors import DataError
 
 AutoShardPolicy = tf.data.experimental.AutoShardPolicy
 

@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
+from convstack.trainer import signatures
 from tests.trainer import export_helpers as helpers
-from trainer import signatures
 
 
 def _model_with_training_behaviour() -> keras.Model:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from trainer.errors import ConfigError
-from trainer.strategy import WorkerRole, parse_tf_config, select_strategy
+from convstack.trainer.errors import ConfigError
+from convstack.trainer.strategy import WorkerRole, parse_tf_config, select_strategy
 
 
 def tf_config(task_type: str, index: int, workers: int = 2, chief: bool = False) -> str:

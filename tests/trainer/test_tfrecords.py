@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from trainer.data import SPLITS, load_dataset
-from trainer.data_cli import data_main
-from trainer.errors import DataError
-from trainer.tfrecords import write_tfrecords
+from convstack.trainer.data import SPLITS, load_dataset
+from convstack.trainer.data_cli import data_main
+from convstack.trainer.errors import DataError
+from convstack.trainer.tfrecords import write_tfrecords
 
 
 def assert_same_examples(source, converted) -> None:

@@ -78,7 +78,7 @@ def test_two_replica_run_exports_a_version_that_reloads_and_predicts(tmp_path):
 
     import tensorflow as tf
 
-    from trainer.data import load_dataset
+    from convstack.trainer.data import load_dataset
 
     images, labels = load_dataset("digits").arrays("test", limit=100)
     loaded = tf.saved_model.load(str(version_dir))
@@ -99,7 +99,7 @@ def wait_for(predicate, timeout: float, process: subprocess.Popen) -> None:
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resume_ends_at_the_same_step(tmp_path):
-    from trainer.data import load_dataset
+    from convstack.trainer.data import load_dataset
 
     # Batch 16 -> ~78 steps per epoch, 3 epochs; slow enough to stop mid-run.
     total = 3 * (load_dataset("digits").info.split_sizes["train"] // 16)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from convstack.trainer import warmup
+from convstack.trainer.errors import ExportError
 from tests.trainer import export_helpers as helpers
-from trainer import warmup
-from trainer.errors import ExportError
 
 
 def test_records_round_trip_through_the_tfrecord_file(tmp_path):

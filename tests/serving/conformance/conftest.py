@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -25,30 +22,10 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tests.loopback import EMBEDDED_SERVE, free_ports
-from tests.trainer import export_helpers
+from convstack.serving.process import ServerProcess
 
 BINARY_ENV = "CONVSTACK_TFSERVING_BINARY"
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="session")
-def exported_version(tmp_path_factory) -> Path:
-    """One tiny version exported by the trainer (signatures, warmup records, model card)."""
-    from trainer.export import export_version
-
-    base = tmp_path_factory.mktemp("exported")
-    result = export_version(export_helpers.trained_model(), **export_helpers.export_kwargs(base))
-    return result.path
-
-
-def make_repository(root: Path, source: Path, versions: list[int]) -> Path:
-    """<root>/tiny/<v> for each version, copies of one export (the served version is told apart
-    by the response's model_spec.version)."""
-    model_dir = root / MODEL
-    for version in versions:
-        shutil.copytree(source, model_dir / str(version))
-    return model_dir
 
 
 def write_config(path: Path, models: list[tuple[str, Path]], extra: str = "") -> Path:
@@ -62,12 +39,10 @@ def write_config(path: Path, models: list[tuple[str, Path]], extra: str = "") ->
 
 
 @dataclass
-class Server:
-    backend: str
-    process: subprocess.Popen
-    grpc_port: int
-    rest_port: int
-    log_path: Path
+class Server(ServerProcess):
+    """A server process, reached through raw TF Serving stubs and plain HTTP."""
+
+    backend: str = "embedded"
 
     @property
     def target(self) -> str:
@@ -105,16 +80,6 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
     def wait_available(self, name: str = MODEL, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
         stub = self.models()
@@ -133,13 +98,6 @@ class Server:
         raise AssertionError(f"{name} never became AVAILABLE:\n{self.log()}")
 
 
-def _command(backend: str, grpc_port: int, rest_port: int, flags: list[str]) -> list[str]:
-    common = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", *flags]
-    if backend == "tfserving":
-        return [os.environ[BINARY_ENV], *common]
-    return [*EMBEDDED_SERVE, *common]
-
-
 @pytest.fixture(params=["embedded", "tfserving"])
 def backend(request) -> str:
     if request.param == "tfserving" and not os.environ.get(BINARY_ENV):
@@ -153,16 +111,10 @@ def start_server(tmp_path, backend):
     started: list[Server] = []
 
     def start(flags: list[str], wait_for: str | None = MODEL) -> Server:
-        grpc_port, rest_port = free_ports(2)
+        program = [os.environ[BINARY_ENV]] if backend == "tfserving" else None
         log_path = tmp_path / f"server-{len(started)}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                _command(backend, grpc_port, rest_port, flags),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-            )
-        server = Server(backend, process, grpc_port, rest_port, log_path)
+        server = Server.launch(flags, log_path, program=program)
+        server.backend = backend
         started.append(server)
         if wait_for:
             server.wait_available(wait_for)

@@ -14,9 +14,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_management_pb2
 
-from serving.model_config import parse_model_config
-from tests.serving.conformance.conftest import MODEL, make_repository
+from convstack.serving.model_config import parse_model_config
+from tests.serving.conformance.conftest import MODEL
 from tests.serving.conformance.requests import images, predict_request
+from tests.serving.helpers import make_repository
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from tests.serving.conformance.conftest import MODEL, make_repository, write_config
+from tests.serving.conformance.conftest import MODEL, write_config
 from tests.serving.conformance.requests import (
     images,
     metadata_request,
@@ -22,6 +22,7 @@ from tests.serving.conformance.requests import (
     status_request,
     versions_by_state,
 )
+from tests.serving.helpers import make_repository
 from tests.trainer import export_helpers
 
 pytestmark = pytest.mark.slow
@@ -75,7 +76,7 @@ def test_grpc_contract(server):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "nope" in error.details()
 
     # The image-bytes signature decodes PNGs in the graph.
-    from trainer.signatures import encode_png
+    from convstack.trainer.signatures import encode_png
 
     png = np.array(encode_png(images(2)), dtype=object)
     reply = predict(predict_request({"image_bytes": png}, signature="predict_image_bytes"))

@@ -11,9 +11,10 @@ import grpc
 import pytest
 from tensorflow_serving.apis import model_management_pb2
 
-from serving.model_config import parse_model_config
-from tests.serving.conformance.conftest import MODEL, make_repository, write_config
+from convstack.serving.model_config import parse_model_config
+from tests.serving.conformance.conftest import MODEL, write_config
 from tests.serving.conformance.requests import predict_request, status_request, versions_by_state
+from tests.serving.helpers import make_repository
 
 pytestmark = pytest.mark.slow
 

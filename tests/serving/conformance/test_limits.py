@@ -9,8 +9,9 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.serving.conformance.conftest import MODEL, make_repository
+from tests.serving.conformance.conftest import MODEL
 from tests.serving.conformance.requests import images, predict_request
+from tests.serving.helpers import make_repository
 
 pytestmark = pytest.mark.slow
 

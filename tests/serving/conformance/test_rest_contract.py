@@ -6,8 +6,9 @@ import base64
 
 import pytest
 
-from tests.serving.conformance.conftest import MODEL, make_repository, write_config
+from tests.serving.conformance.conftest import MODEL, write_config
 from tests.serving.conformance.requests import images
+from tests.serving.helpers import make_repository
 from tests.trainer import export_helpers
 
 pytestmark = pytest.mark.slow
@@ -51,7 +52,7 @@ def test_rest_contract(server):
     assert status == 200 and body["outputs"]["classes"] == expected.tolist()
 
     # b64 strings into the image-bytes signature.
-    from trainer.signatures import encode_png
+    from convstack.trainer.signatures import encode_png
 
     instances = [{"b64": base64.b64encode(png).decode()} for png in encode_png(batch)]
     status, body = server.rest(
