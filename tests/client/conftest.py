@@ -21,7 +21,6 @@ from tensorflow_serving.apis import (
 )
 
 from convstack.client.tensors import to_ndarray, to_tensor_proto
-from convstack.serving.process import ServerProcess
 from tests.loopback import free_ports
 from tests.serving.conformance.conftest import Server
 from tests.serving.helpers import make_repository
@@ -67,10 +66,9 @@ def launch(directory: Path, flags: list[str], grpc_port: int | None = None) -> M
     monitoring = directory / "monitoring.config"
     monitoring.write_text(MONITORING)
     log_path = directory / f"server-{grpc_port}.log"
-    server = ServerProcess.launch(
+    return ModelServer.launch(
         [f"--monitoring_config_file={monitoring}", *flags], log_path, ports=(grpc_port, rest_port)
     )
-    return ModelServer(server.process, grpc_port, rest_port, log_path)
 
 
 def wait_ready(server: ModelServer, timeout: float = 120) -> ModelServer:

@@ -22,9 +22,9 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from convstack.serving.launcher import BINARY_ENV
 from convstack.serving.process import ServerProcess
 
-BINARY_ENV = "CONVSTACK_TFSERVING_BINARY"
 MODEL = "tiny"
 
 
