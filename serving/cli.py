@@ -453,31 +453,55 @@ def _parse_labels(items: list[str]) -> dict[str, int]:
     return labels
 
 
-def models_config_main(argv: list[str]) -> int:
+# Conflicting edits in a row before models-config gives up: each conflict means another
+# writer's edit landed, so this outlasts dozens of concurrent editors.
+MODELS_CONFIG_ATTEMPTS = 32
+EXIT_GAVE_UP = 1
+
+
+def _models_config_edit(args):
+    """The edit `args` asks for, as a pure function of the config (run again on a conflict)."""
     from convstack.serving import model_config as mc
+
+    def edit(config):
+        if args.verb == "add":
+            config = mc.add_model(config, args.name, str(Path(args.base_path).resolve()))
+            return mc.set_version_policy(config, args.name, **_policy_kwargs(args))
+        if args.verb == "set-policy":
+            return mc.set_version_policy(config, args.name, **_policy_kwargs(args))
+        if args.verb == "set-labels":
+            return mc.set_version_labels(config, args.name, _parse_labels(args.labels))
+        return mc.remove_model(config, args.name)
+
+    return edit
+
+
+def _show_config(path: Path) -> None:
+    from convstack.serving import model_config as mc
+
+    print(mc.format_model_config(mc.load_model_config(path)), end="")
+
+
+def models_config_main(argv: list[str]) -> int:
+    """`convstack models-config VERB`: show the config, or edit it through the conditional
+    write every writer of models.config uses (serving/config_file.py), so that concurrent
+    edits, ours or a rollout's, are retried on the fresh config instead of overwritten."""
+    from convstack.serving import config_file
 
     args = build_models_config_parser().parse_args(argv)
     path = Path(args.config)
     try:
-        if args.verb == "add" and not path.exists():
-            config = mc.parse_model_config("", str(path))
-        else:
-            config = mc.load_model_config(path)
         if args.verb == "show":
-            print(mc.format_model_config(config), end="")
+            _show_config(path)
             return 0
-        if args.verb == "add":
-            config = mc.add_model(config, args.name, str(Path(args.base_path).resolve()))
-            config = mc.set_version_policy(config, args.name, **_policy_kwargs(args))
-        elif args.verb == "set-policy":
-            config = mc.set_version_policy(config, args.name, **_policy_kwargs(args))
-        elif args.verb == "set-labels":
-            config = mc.set_version_labels(config, args.name, _parse_labels(args.labels))
-        elif args.verb == "remove":
-            config = mc.remove_model(config, args.name)
-        mc.validate_model_config(config)
-        mc.write_model_config(path, config)
-    except (UsageError, ValueError, OSError) as exc:
+        # Only `add` may create the file; editing a missing one is an error.
+        store = config_file.ConfigFile(path, missing_ok=args.verb == "add")
+        config_file.update_config(store, _models_config_edit(args), attempts=MODELS_CONFIG_ATTEMPTS)
+    except config_file.ConfigConflictError as exc:
+        print(f"convstack models-config: error: {exc}; nothing written, run it again",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_GAVE_UP
+    except (UsageError, ValueError, OSError, config_file.ConfigStoreError) as exc:
         print(f"convstack models-config: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {path}")

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from convstack.serving.rollout.store import locked
+from convstack.serving.config_file import locked
 
 HISTORY_FILE = "rollout_history.jsonl"
 
