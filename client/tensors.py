@@ -41,6 +41,7 @@ __all__ = [
     "dtype_name",
     "to_ndarray",
     "to_tensor_proto",
+    "to_typed_tensor_proto",
 ]
 
 TensorProto = tensor_pb2.TensorProto
@@ -170,15 +171,44 @@ def to_tensor_proto(value, dtype=None) -> TensorProto:
     array = _as_array(value, dtype)
     if array.dtype.kind in "USO":
         return _string_proto(array)
+    array, enum = _numeric(array)
+    proto = TensorProto(dtype=enum, tensor_content=array.tobytes())
+    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
+    return proto
+
+
+def to_typed_tensor_proto(value, dtype=None) -> TensorProto:
+    """Encode like `to_tensor_proto`, but with the values in the typed `*_val` field.
+
+    This is TensorFlow's Tensor::AsProtoField, what TF Serving answers with by default and what
+    clients written for it read (`float_val`, `int64_val`, `string_val`, ...): small integer
+    types share `int_val`, half and bfloat16 keep their 16-bit patterns in `half_val`, complex
+    numbers are (real, imag) pairs.
+    """
+    array = _as_array(value, dtype)
+    if array.dtype.kind in "USO":
+        return _string_proto(array)
+    array, enum = _numeric(array)
+    flat = array.ravel()
+    if enum in _BIT_PATTERN_ENUMS:
+        flat = flat.view(np.uint16)
+    elif enum in _COMPLEX_PARTS:
+        flat = flat.view(_COMPLEX_PARTS[enum])
+    proto = TensorProto(dtype=enum)
+    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
+    getattr(proto, _VALUE_FIELD[enum]).extend(flat.tolist())
+    return proto
+
+
+def _numeric(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """(the array in native byte order, its DataType enum); TypeError if it has none."""
     enum = DTYPE_TO_ENUM.get(array.dtype)
     if enum is None and not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
         enum = DTYPE_TO_ENUM.get(array.dtype)
     if enum is None:
         raise TypeError(f"unsupported dtype {array.dtype}: it has no TensorFlow DataType")
-    proto = TensorProto(dtype=enum, tensor_content=array.tobytes())
-    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
-    return proto
+    return array, enum
 
 
 def _shape_of(shape_proto: _TensorShapeProto) -> tuple[int, ...]:

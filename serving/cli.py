@@ -13,9 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convstack.common.flags import whole_number
+from convstack.common.flags import boolean, whole_number
 from convstack.common.logs import configure_logging
 from convstack.serving import launcher
+from convstack.serving.kernels import use_plain_cpu_kernels
 
 EXIT_BAD_INPUT = 2
 
@@ -25,6 +26,13 @@ class _Parser(argparse.ArgumentParser):
         """Register `--name_with_underscores` and `--name-with-dashes` (plus aliases)."""
         spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
         return self.add_argument(*sorted(spellings, key=len), dest=name, **kwargs)
+
+    def switch(self, name: str, help: str):
+        """A boolean flag as TF Serving's command line takes it: `--name`, `--name=true` or
+        `--name=false`."""
+        return self.flag(
+            name, nargs="?", const=True, default=False, type=boolean, metavar="BOOL", help=help
+        )
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -42,6 +50,19 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     parser.flag("host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
     parser.flag("port", type=int, default=8500, help="gRPC port (default 8500)")
+    parser.flag(
+        "grpc_socket_path",
+        metavar="PATH",
+        help="also serve gRPC on this UNIX socket (clients dial unix:PATH)",
+    )
+    parser.flag(
+        "grpc_channel_arguments",
+        type=grpc_channel_arguments,
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="gRPC server channel arguments, e.g. grpc.max_connection_age_ms=2000; integer "
+        "values go as integers, others as strings (TF Serving's rule)",
+    )
     parser.flag(
         "rest_api_port",
         "--rest-port",
@@ -74,7 +95,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="seconds between re-reads of --model_config_file; 0 never (default 0)",
     )
-    parser.flag("enable_batching", action="store_true", help="server-side batching")
+    parser.switch("enable_batching", help="server-side batching")
     parser.flag(
         "batching_parameters_file",
         metavar="PATH",
@@ -85,10 +106,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="MonitoringConfig text proto enabling Prometheus metrics on the REST port",
     )
-    parser.flag(
+    parser.switch(
         "allow_version_labels_for_unavailable_models",
-        action="store_true",
         help="allow labels on versions that are not AVAILABLE (TF Serving's flag)",
+    )
+    parser.switch(
+        "enable_signature_method_name_check",
+        help="Classify, Regress and Predict check the signature's method_name (TF Serving's "
+        "flag; off by default, as there)",
     )
     parser.flag("max_num_load_retries", type=int, default=5, help="retries of a failed load")
     parser.flag(
@@ -116,6 +141,19 @@ def build_serve_parser() -> argparse.ArgumentParser:
         type=int,
         default=256 * 1024 * 1024,
         help="largest gRPC message or REST body accepted",
+    )
+    parser.flag(
+        "max_request_tensor_bytes",
+        type=whole_number(1),
+        default=256 * 1024 * 1024,
+        metavar="BYTES",
+        help="most a Predict request's tensors may make the server allocate, refused before "
+        "allocating (a few bytes of TensorProto can declare petabytes of zeros)",
+    )
+    parser.switch(
+        "response_tensor_content",
+        help="answer Predict outputs as raw tensor_content bytes instead of the typed fields "
+        "(float_val, ...) TF Serving writes; faster for large outputs, read by our client",
     )
     parser.flag(
         "max_concurrent_requests",
@@ -158,6 +196,22 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 class UsageError(ValueError):
     """Bad flags or files; one line, exit status 2."""
+
+
+def grpc_channel_arguments(text: str) -> list[tuple[str, int | str]]:
+    """`key=value,key=value` as gRPC channel options; a 32-bit integer value is an int."""
+    options: list[tuple[str, int | str]] = []
+    for item in filter(None, text.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise argparse.ArgumentTypeError(f"not key=value: {item!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            options.append((key, value))
+            continue
+        options.append((key, number) if -(2**31) <= number < 2**31 else (key, value))
+    return options
 
 
 # A thread count for TensorFlow: 0 (TensorFlow decides) or more.
@@ -292,6 +346,11 @@ def server_options(args):
         max_num_load_retries=args.max_num_load_retries,
         load_retry_interval_seconds=args.load_retry_interval_micros / 1e6,
         grpc_max_message_bytes=args.max_message_bytes,
+        grpc_socket_path=args.grpc_socket_path,
+        grpc_channel_arguments=args.grpc_channel_arguments,
+        signature_method_name_check=args.enable_signature_method_name_check,
+        max_request_tensor_bytes=args.max_request_tensor_bytes,
+        response_tensor_content=args.response_tensor_content,
         max_concurrent_requests=args.max_concurrent_requests,
         request_threads=args.request_threads,
         tensorflow_threads=tensorflow_threads_from_args(args),
@@ -327,6 +386,7 @@ def choose_backend(requested: str) -> tuple[str, str | None]:
 def serve_main(argv: list[str]) -> int:
     args = build_serve_parser().parse_args(argv)
     configure_logging()
+    use_plain_cpu_kernels()
     try:
         backend, where = choose_backend(args.backend)
         logging.getLogger("serving").info(

@@ -83,3 +83,18 @@ def error_for_code(code: str, message: str) -> ServingError:
     error = ServingError(message)
     error.code = code
     return error
+
+
+# Requests can carry names of any length; echoed whole into an error they could exceed what a
+# transport carries (gRPC's 8 KiB metadata limit turns NOT_FOUND into RESOURCE_EXHAUSTED).
+MAX_MESSAGE_CHARS = 2048
+_ELISION = "...<{} characters elided>..."
+
+
+def bounded_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` if it fits in `limit` characters, else its head and tail around a marker."""
+    if len(message) <= limit:
+        return message
+    keep = max(limit - len(_ELISION.format(len(message))), 0)
+    head, tail = message[: keep - keep // 4], message[len(message) - keep // 4 :]
+    return head + _ELISION.format(len(message) - len(head) - len(tail)) + tail

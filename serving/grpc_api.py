@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 
 import grpc
@@ -14,28 +15,37 @@ from tensorflow_serving.apis import (
     get_model_status_pb2,
     inference_pb2,
     model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
     regression_pb2,
 )
 
-from convstack.client.tensors import to_ndarray, to_tensor_proto
-from convstack.serving.errors import InvalidArgument, ServingError, Unimplemented
+from convstack.client.tensors import (
+    ENUM_TO_DTYPE,
+    to_ndarray,
+    to_tensor_proto,
+    to_typed_tensor_proto,
+)
+from convstack.serving.errors import InvalidArgument, ServingError, bounded_message
 from convstack.serving.inference import InferenceService, ModelRef, PredictResult
 
 log = logging.getLogger(__name__)
 
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
 SIGNATURE_DEF_FIELD = "signature_def"
+# What one request's tensors may make the server allocate (--max_request_tensor_bytes).
+DEFAULT_MAX_REQUEST_TENSOR_BYTES = 256 * 1024 * 1024
 
 
 def model_ref(request) -> ModelRef:
     """The ModelSpec of a request as a ModelRef (version or label, never both)."""
     if not request.HasField("model_spec"):
         raise InvalidArgument("Missing ModelSpec")
-    spec = request.model_spec
+    return spec_ref(request.model_spec)
+
+
+def spec_ref(spec) -> ModelRef:
     choice = spec.WhichOneof("version_choice")
     version = spec.version.value if choice == "version" else None
     label = spec.version_label if choice == "version_label" else None
@@ -44,19 +54,22 @@ def model_ref(request) -> ModelRef:
 
 def grpc_errors(method):
     """Map ServingError (and anything unexpected) to a gRPC status: a request never kills the
-    server, whatever it sends."""
+    server, whatever it sends. Messages are bounded: a request's giant name echoed whole would
+    not fit in the status trailer."""
 
     @functools.wraps(method)
     async def wrapper(self, request, context):
         try:
             return await method(self, request, context)
         except ServingError as error:
-            await context.abort(grpc.StatusCode[error.code], error.message)
+            await context.abort(grpc.StatusCode[error.code], bounded_message(error.message))
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, bounded_message(f"{type(exc).__name__}: {exc}")
+            )
 
     return wrapper
 
@@ -66,49 +79,83 @@ def _deadline(context) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
-def decode_inputs(request) -> dict:
-    inputs = {}
-    for key, proto in request.inputs.items():
-        try:
-            inputs[key] = to_ndarray(proto)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"Input {key!r} is not a valid TensorProto: {exc}") from exc
-    return inputs
+def _declared_bytes(key: str, proto) -> int:
+    """What decoding `proto` allocates, from its declared dtype and shape alone."""
+    dims = [dim.size for dim in proto.tensor_shape.dim]
+    if any(size < 0 for size in dims):
+        raise InvalidArgument(f"tensor parsing error: {key} (negative dimension in {dims})")
+    dtype = ENUM_TO_DTYPE.get(proto.dtype)
+    itemsize = 8 if dtype is None or dtype.kind == "O" else dtype.itemsize
+    return math.prod(dims) * itemsize
 
 
-def predict_response(result: PredictResult) -> predict_pb2.PredictResponse:
-    """The PredictResponse of a result. The outputs go in through the constructor: filling
+def tensor_decoder(max_bytes: int):
+    """Decode a request's TensorProtos, refusing before allocating any request whose declared
+    shapes add up to more than `max_bytes` (a few bytes can declare petabytes of zeros)."""
+
+    def decode(protos) -> dict:
+        total = 0
+        inputs = {}
+        for key in sorted(protos):
+            total += _declared_bytes(key, protos[key])
+            if total > max_bytes:
+                raise InvalidArgument(
+                    f"tensor parsing error: {key} (the request's tensors declare {total} bytes; "
+                    f"the server takes at most {max_bytes}, --max_request_tensor_bytes)"
+                )
+            try:
+                inputs[key] = to_ndarray(protos[key])
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"tensor parsing error: {key} ({exc})") from exc
+        return inputs
+
+    return decode
+
+
+def predict_response(
+    result: PredictResult, *, tensor_content: bool = False
+) -> predict_pb2.PredictResponse:
+    """The PredictResponse of a result, values in the typed fields as TF Serving answers
+    (AsProtoField) unless `tensor_content`. The outputs go in through the constructor: filling
     `response.outputs[key]` entry by entry costs twice as much, on every request."""
+    encode = to_tensor_proto if tensor_content else to_typed_tensor_proto
     response = predict_pb2.PredictResponse(
-        outputs={key: to_tensor_proto(array) for key, array in result.outputs.items()}
+        outputs={key: encode(array) for key, array in result.outputs.items()}
     )
-    response.model_spec.name = result.model_name
-    response.model_spec.version.value = result.version
-    response.model_spec.signature_name = result.signature_name
+    _fill_spec(response.model_spec, result)
     return response
 
 
+def _fill_spec(spec, result) -> None:
+    spec.name = result.model_name
+    spec.version.value = result.version
+    spec.signature_name = result.signature_name
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(
+        self,
+        service: InferenceService,
+        *,
+        max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+        tensor_content_responses: bool = False,
+    ) -> None:
         self._service = service
+        self._decode = tensor_decoder(max_request_tensor_bytes)
+        self._tensor_content = tensor_content_responses
 
     @grpc_errors
     async def Predict(self, request, context):
-        ref = model_ref(request)
-        try:
-            inputs = decode_inputs(request)
-        except ServingError as error:
-            self._service.metrics.record_request(ref.name, "predict", "GRPC", error.code, 0.0)
-            raise
         result = await self._service.predict(
-            ref,
+            model_ref(request),
             request.model_spec.signature_name,
-            inputs,
+            request.inputs,
             list(request.output_filter),
             deadline=_deadline(context),
             entrypoint="GRPC",
+            decode=self._decode,
         )
-        return predict_response(result)
+        return predict_response(result, tensor_content=self._tensor_content)
 
     @grpc_errors
     async def GetModelMetadata(self, request, context):
@@ -130,50 +177,50 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @grpc_errors
     async def Classify(self, request, context):
-        self._require_method(model_ref(request), request.model_spec.signature_name, "classify")
-        return classification_pb2.ClassificationResponse()
+        result = await self._service.classify(
+            model_ref(request),
+            request.model_spec.signature_name,
+            request.input,
+            deadline=_deadline(context),
+        )
+        response = classification_pb2.ClassificationResponse(result=result.result)
+        _fill_spec(response.model_spec, result)
+        return response
 
     @grpc_errors
     async def Regress(self, request, context):
-        self._require_method(model_ref(request), request.model_spec.signature_name, "regress")
-        return regression_pb2.RegressionResponse()
+        result = await self._service.regress(
+            model_ref(request),
+            request.model_spec.signature_name,
+            request.input,
+            deadline=_deadline(context),
+        )
+        response = regression_pb2.RegressionResponse(result=result.result)
+        _fill_spec(response.model_spec, result)
+        return response
 
     @grpc_errors
     async def MultiInference(self, request, context):
-        if not request.tasks:
-            raise InvalidArgument("MultiInferenceRequest must contain at least one task")
-        if len({task.model_spec.name for task in request.tasks}) > 1:
-            raise InvalidArgument(
-                "All ModelSpecs in a MultiInferenceRequest must access the same model name."
+        # TF Serving takes the servable from the first task's ModelSpec.
+        first = request.tasks[0].model_spec if request.tasks else model_pb2.ModelSpec()
+        specs = [
+            (task.model_spec.name, task.model_spec.signature_name, task.method_name)
+            for task in request.tasks
+        ]
+        results = await self._service.multi_inference(
+            spec_ref(first), specs, request.input, deadline=_deadline(context)
+        )
+        response = inference_pb2.MultiInferenceResponse()
+        for result in results:
+            entry = response.results.add()
+            field = (
+                entry.classification_result
+                if isinstance(result.result, classification_pb2.ClassificationResult)
+                else entry.regression_result
             )
-        for task in request.tasks:
-            ref = model_ref(task)
-            if task.method_name == CLASSIFY_METHOD:
-                self._require_method(ref, task.model_spec.signature_name, "classify")
-            elif task.method_name == REGRESS_METHOD:
-                self._require_method(ref, task.model_spec.signature_name, "regress")
-            else:
-                raise Unimplemented(f"Unsupported signature method_name: {task.method_name}")
-        return inference_pb2.MultiInferenceResponse()
-
-    def _require_method(self, ref: ModelRef, signature_name: str, kind: str) -> None:
-        """TF Serving's checks before Classify/Regress: the signature exists and has the
-        matching method_name. Models exported by convstack only have predict signatures."""
-        expected, noun = (
-            (CLASSIFY_METHOD, "classification") if kind == "classify" else
-            (REGRESS_METHOD, "regression")
-        )  # fmt: skip
-        found = self._service.signature_method(ref, signature_name)
-        if found is None:
-            raise InvalidArgument(
-                f"No signature was found with the name: {signature_name or 'serving_default'}"
-            )
-        _, method_name = found
-        if method_name != expected:
-            raise InvalidArgument(
-                f"Expected {noun} signature method_name to be {expected}. Was: {method_name}"
-            )
-        raise InvalidArgument(f"{noun} signatures are not supported by the embedded server")
+            field.CopyFrom(result.result)
+            _fill_spec(entry.model_spec, result)
+        return response
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):

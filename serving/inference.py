@@ -1,18 +1,20 @@
 """Transport-independent request handling: resolve the model version, validate, run (batched
-or not) within the request's deadline, and record metrics. The gRPC and REST layers only
-translate their formats to and from these calls."""
+or not) within the request's deadline, and record metrics, for Predict, Classify, Regress and
+MultiInference. The gRPC and REST layers only translate their formats to and from these calls."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from convstack.serving import tasks
 from convstack.serving.batching import BatchingParameters, BatchScheduler, BatchStats
 from convstack.serving.errors import (
     DeadlineExceeded,
@@ -23,6 +25,7 @@ from convstack.serving.errors import (
 )
 from convstack.serving.manager import ModelManager, VersionStatus
 from convstack.serving.metrics import ServingMetrics
+from convstack.serving.servable import check_input_keys
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class PredictResult:
     outputs: dict[str, np.ndarray]
+    model_name: str
+    version: int
+    signature_name: str
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A Classify or Regress answer: `result` is a ClassificationResult or RegressionResult."""
+
+    result: object
     model_name: str
     version: int
     signature_name: str
@@ -44,6 +57,15 @@ class ModelRef:
     label: str | None = None
 
 
+# Requests for models the server does not serve are counted under this one label, so that
+# made-up names cannot grow the metric series without bound.
+UNKNOWN_MODEL_LABEL = "<unknown>"
+
+# Decodes a request's raw inputs once the signature is known (TF Serving parses the tensors
+# only after it has resolved the model, the version and the signature).
+InputDecoder = Callable[[Mapping[str, object]], dict[str, np.ndarray]]
+
+
 class InferenceService:
     """The request-facing side of the server, shared by gRPC and REST."""
 
@@ -55,6 +77,7 @@ class InferenceService:
         batching: BatchingParameters | None = None,
         request_threads: int = 4,
         max_concurrent_requests: int = 1024,
+        signature_method_name_check: bool = False,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
@@ -66,39 +89,41 @@ class InferenceService:
         )
         self._max_concurrent = max_concurrent_requests
         self._in_flight = 0
+        self._method_check = signature_method_name_check
 
-    # --- Predict ----------------------------------------------------------------------------
+    # --- one request, whatever its API -------------------------------------------------------
 
-    async def predict(
-        self,
-        ref: ModelRef,
-        signature_name: str,
-        inputs: dict[str, np.ndarray],
-        output_filter: Sequence[str] = (),
-        *,
-        deadline: float | None = None,
-        entrypoint: str = "GRPC",
-    ) -> PredictResult:
-        """Run one Predict; raises ServingError with TF Serving's codes and messages."""
+    async def _request(self, ref: ModelRef, api: str, entrypoint: str, work: Awaitable):
+        """Run `work` within the concurrency limit; count it with its status; never let an
+        unexpected exception out as anything but INTERNAL."""
         started = time.perf_counter()
         status = "OK"
         try:
             self._enter()
             try:
-                return await self._predict(ref, signature_name, inputs, output_filter, deadline)
+                return await work
             finally:
                 self._in_flight -= 1
         except ServingError as error:
             status = error.code
             raise
         except Exception as exc:  # a bug must not take the server down; report it as INTERNAL
-            log.exception("Predict on %s failed", ref.name)
+            log.exception("%s on %s failed", api, ref.name)
             status = "INTERNAL"
             raise Internal(f"{type(exc).__name__}: {exc}") from exc
         finally:
-            self.metrics.record_request(
-                ref.name, "predict", entrypoint, status, time.perf_counter() - started
-            )
+            if inspect.iscoroutine(work):
+                work.close()  # never awaited when the limit refused it
+            self.record_request(ref.name, api, entrypoint, status, time.perf_counter() - started)
+
+    def record_request(
+        self, name: str, api: str, entrypoint: str, status: str, seconds: float
+    ) -> None:
+        """Count a request; names of models the server does not know share one label."""
+        known = name in self.manager.model_names()
+        self.metrics.record_request(
+            name if known else UNKNOWN_MODEL_LABEL, api, entrypoint, status, seconds
+        )
 
     def _enter(self) -> None:
         if self._in_flight >= self._max_concurrent:
@@ -107,9 +132,41 @@ class InferenceService:
             )
         self._in_flight += 1
 
-    async def _predict(self, ref, signature_name, inputs, output_filter, deadline):
+    async def _run(self, deadline: float | None, function, *args):
+        """Run blocking TensorFlow work on the request threads, not past the deadline."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, _run_before_deadline, deadline, function, *args
+        )
+
+    # --- Predict ----------------------------------------------------------------------------
+
+    async def predict(
+        self,
+        ref: ModelRef,
+        signature_name: str,
+        inputs: Mapping[str, object],
+        output_filter: Sequence[str] = (),
+        *,
+        deadline: float | None = None,
+        entrypoint: str = "GRPC",
+        decode: InputDecoder | None = None,
+    ) -> PredictResult:
+        """Run one Predict; raises ServingError with TF Serving's codes and messages.
+
+        `inputs` are arrays, or raw values that `decode` turns into arrays once the model,
+        version and signature are resolved."""
+        work = self._predict(ref, signature_name, inputs, output_filter, deadline, decode)
+        return await self._request(ref, "predict", entrypoint, work)
+
+    async def _predict(self, ref, signature_name, inputs, output_filter, deadline, decode):
         with self.manager.acquire(ref.name, ref.version, ref.label) as servable:
-            signature = servable.validate(signature_name, inputs, output_filter)
+            if decode is not None:
+                check_input_keys(servable.signature(signature_name), inputs)
+                inputs = decode(inputs)
+            signature = servable.validate(
+                signature_name, inputs, output_filter, batched=self._scheduler is not None
+            )
+            tasks.check_predict_method(servable.signature_defs[signature.key], self._method_check)
             _check_deadline(deadline)
             run_started = time.perf_counter()
             if self._scheduler is not None:
@@ -121,17 +178,65 @@ class InferenceService:
                     deadline=deadline,
                 )
             else:
-                outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    _run_before_deadline,
-                    servable.run,
-                    signature.key,
-                    inputs,
-                    output_filter,
-                    deadline,
+                outputs = await self._run(
+                    deadline, servable.run, signature.key, inputs, output_filter
                 )
             self.metrics.record_runtime(ref.name, "predict", time.perf_counter() - run_started)
             return PredictResult(outputs, ref.name, servable.version, signature.key)
+
+    # --- Classify, Regress, MultiInference ----------------------------------------------------
+
+    async def classify(self, ref, signature_name, request_input, *, deadline=None,
+                       entrypoint="GRPC") -> TaskResult:  # fmt: skip
+        """Classify tf.Examples (ClassificationRequest.input) with a classify signature."""
+        work = self._task(tasks.CLASSIFY, ref, signature_name, request_input, deadline)
+        return await self._request(ref, "classify", entrypoint, work)
+
+    async def regress(self, ref, signature_name, request_input, *, deadline=None,
+                      entrypoint="GRPC") -> TaskResult:  # fmt: skip
+        """Regress tf.Examples (RegressionRequest.input) with a regress signature."""
+        work = self._task(tasks.REGRESS, ref, signature_name, request_input, deadline)
+        return await self._request(ref, "regress", entrypoint, work)
+
+    async def _task(self, kind, ref, signature_name, request_input, deadline) -> TaskResult:
+        with self.manager.acquire(ref.name, ref.version, ref.label) as servable:
+            task = tasks.plan(
+                kind, servable.signature_defs, signature_name, method_check=self._method_check
+            )
+            examples = tasks.serialized_examples(request_input)
+            fetched = await self._run(
+                deadline, _run_tasks, servable, [task], examples, task.output_tensors
+            )
+            result = tasks.task_result(task, len(examples), fetched)
+            return TaskResult(result, ref.name, servable.version, task.signature_key)
+
+    async def multi_inference(
+        self, ref, task_specs, request_input, *, deadline=None, entrypoint="GRPC"
+    ) -> list[TaskResult]:
+        """Several classify/regress tasks of one model over the same Examples, in one run.
+
+        `task_specs` are (model name, signature name, method name); `ref` is the first task's
+        model, the version that serves them all."""
+        work = self._multi_inference(ref, task_specs, request_input, deadline)
+        return await self._request(ref, "multi_inference", entrypoint, work)
+
+    async def _multi_inference(self, ref, task_specs, request_input, deadline):
+        with self.manager.acquire(ref.name, ref.version, ref.label) as servable:
+            plans = tasks.plan_multi_inference(
+                task_specs, servable.signature_defs, method_check=self._method_check
+            )
+            examples = tasks.serialized_examples(request_input)
+            fetches = sorted({name for task in plans for name in task.output_tensors})
+            fetched = await self._run(deadline, _run_tasks, servable, plans, examples, fetches)
+            return [
+                TaskResult(
+                    tasks.task_result(task, len(examples), fetched),
+                    ref.name,
+                    servable.version,
+                    task.signature_key,
+                )
+                for task in plans
+            ]
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.record_batch(
@@ -182,10 +287,16 @@ def _check_deadline(deadline: float | None) -> None:
         raise DeadlineExceeded("Deadline Exceeded")
 
 
-def _run_before_deadline(run, signature_key, inputs, output_filter, deadline):
+def _run_before_deadline(deadline, function, *args):
     # The request may have waited in the executor's queue past its deadline: then it is not run.
     _check_deadline(deadline)
-    return run(signature_key, inputs, output_filter)
+    return function(*args)
+
+
+def _run_tasks(servable, plans, examples, fetches) -> dict[str, np.ndarray]:
+    """Feed the serialized Examples to every task's input tensor; fetched tensors by name."""
+    feeds = {task.input_tensor: examples for task in plans}
+    return dict(zip(fetches, servable.run_tensors(feeds, list(fetches)), strict=True))
 
 
 def _batch_key(model_name, version, signature_key, inputs, output_filter) -> tuple:

@@ -404,7 +404,8 @@ class ModelManager:
                 )
             self._changed.wait_for(lambda: record.refs == 0)
             loaded, record.loaded = record.loaded, None
-        del loaded  # the TensorFlow objects go here, outside the lock
+        if loaded is not None:
+            loaded.close()  # the session and its variables go here, outside the lock
         with self._lock:
             record.end()
             self._emit(f"{record.model} version {record.version} unloaded")

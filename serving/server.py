@@ -17,9 +17,14 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from convstack.serving import kernels
 from convstack.serving.batching import BatchingParameters
 from convstack.serving.errors import FailedPrecondition
-from convstack.serving.grpc_api import ModelServicer, PredictionServicer
+from convstack.serving.grpc_api import (
+    DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+    ModelServicer,
+    PredictionServicer,
+)
 from convstack.serving.inference import InferenceService
 from convstack.serving.manager import ModelManager
 from convstack.serving.metrics import MonitoringConfig, ServingMetrics
@@ -96,10 +101,17 @@ class ServerOptions:
     max_num_load_retries: int = 5
     load_retry_interval_seconds: float = 1.0
     grpc_max_message_bytes: int = 256 * 1024 * 1024
+    grpc_socket_path: str | None = None  # also serve gRPC on unix:PATH
+    grpc_channel_arguments: list[tuple[str, int | str]] = field(default_factory=list)
+    signature_method_name_check: bool = False
+    max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
+    response_tensor_content: bool = False
     max_concurrent_requests: int = 1024
     request_threads: int = 4
     tensorflow_threads: TensorFlowThreads = field(default_factory=TensorFlowThreads)
     rest_timeout_seconds: float = 30.0
+    rest_body_timeout_seconds: float = 60.0  # a request body must arrive within this
+    rest_idle_timeout_seconds: float = 75.0  # a connection without a request head is closed
     shutdown_grace_seconds: float = 10.0
     tls: TlsOptions | None = None
 
@@ -125,6 +137,7 @@ class EmbeddedServer:
             batching=options.batching,
             request_threads=options.request_threads,
             max_concurrent_requests=options.max_concurrent_requests,
+            signature_method_name_check=options.signature_method_name_check,
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -135,6 +148,12 @@ class EmbeddedServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.options.tensorflow_threads.apply()  # before the first load starts TensorFlow
+        if kernels.onednn_requested():
+            log.warning(
+                "%s asks for TensorFlow's oneDNN kernels: some malformed requests (e.g. a "
+                "Conv2D input of the wrong rank) then abort the server process",
+                kernels.ONEDNN_ENV,
+            )
         # TF Serving opens its ports only after the initial models have loaded (or failed).
         await loop.run_in_executor(None, self.manager.start)
         # Read back once TensorFlow runs: what the models really got.
@@ -163,17 +182,33 @@ class EmbeddedServer:
                 ("grpc.max_receive_message_length", size),
                 ("grpc.max_send_message_length", size),
                 ("grpc.so_reuseport", 0),
+                *self.options.grpc_channel_arguments,  # later entries win
             ],
             maximum_concurrent_rpcs=self.options.max_concurrent_requests,
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.service), self._grpc
+        predictions = PredictionServicer(
+            self.service,
+            max_request_tensor_bytes=self.options.max_request_tensor_bytes,
+            tensor_content_responses=self.options.response_tensor_content,
         )
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, self._grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.service), self._grpc
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         address = f"{self.options.host}:{self.options.port}"
+        self._listen(address)
+        if self.options.grpc_socket_path:
+            self._listen(f"unix:{self.options.grpc_socket_path}")
+        await self._grpc.start()
+        tls = " (TLS)" if self.options.tls else ""
+        log.info("Running gRPC ModelServer at %s%s", address, tls)
+        if self.options.grpc_socket_path:
+            log.info(
+                "Running gRPC ModelServer at UNIX socket %s%s", self.options.grpc_socket_path, tls
+            )
+
+    def _listen(self, address: str) -> None:
         try:
             if self.options.tls:
                 bound = self._grpc.add_secure_port(address, self.options.tls.credentials())
@@ -183,8 +218,6 @@ class EmbeddedServer:
             raise OSError(f"cannot listen for gRPC on {address}: {exc}") from exc
         if bound == 0:
             raise OSError(f"cannot listen for gRPC on {address}")
-        await self._grpc.start()
-        log.info("Running gRPC ModelServer at %s%s", address, " (TLS)" if self.options.tls else "")
 
     async def _start_rest(self) -> None:
         api = RestApi(
@@ -194,12 +227,10 @@ class EmbeddedServer:
             self.manager.all_models_available,
             timeout_seconds=self.options.rest_timeout_seconds,
             max_body_bytes=self.options.grpc_max_message_bytes,
+            body_timeout_seconds=self.options.rest_body_timeout_seconds,
+            idle_timeout_seconds=self.options.rest_idle_timeout_seconds,
         )
-        self._rest = web.AppRunner(
-            api.application(),
-            access_log=None,
-            shutdown_timeout=self.options.shutdown_grace_seconds,
-        )
+        self._rest = api.runner(shutdown_timeout=self.options.shutdown_grace_seconds)
         await self._rest.setup()
         site = web.TCPSite(self._rest, self.options.host, self.options.rest_port, reuse_port=False)
         await site.start()

@@ -9,6 +9,8 @@ import pytest
 
 # Quiet TensorFlow's C++ start-up logging in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The server's kernels (serving/kernels.py): in-process servables see what `convstack serve` runs.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 # Tests that compare 1 and 2 replicas need two logical CPUs, and TensorFlow only allows the split
 # before it initialises its devices, so the whole test process gets them up front.

@@ -16,6 +16,7 @@ from convstack.client.tensors import (
     dtype_name,
     to_ndarray,
     to_tensor_proto,
+    to_typed_tensor_proto,
 )
 
 TensorProto = _protos.tensor_pb2.TensorProto
@@ -79,6 +80,50 @@ def test_tensorflow_encoding_decodes_with_ours(dtype, shape):
     array = _values(dtype, shape, seed=1)
     # TF writes typed *_val fields for scalars and for uint16/bool/complex, tensor_content else.
     _assert_same(to_ndarray(tf.make_tensor_proto(array)), array)
+
+
+# The typed field TensorFlow's Tensor::AsProtoField fills for each dtype (tensor.cc ProtoHelper).
+AS_PROTO_FIELD = {
+    "float32": "float_val",
+    "float64": "double_val",
+    "float16": "half_val",
+    "bfloat16": "half_val",
+    "int8": "int_val",
+    "int16": "int_val",
+    "int32": "int_val",
+    "uint8": "int_val",
+    "uint16": "int_val",
+    "int64": "int64_val",
+    "uint32": "uint32_val",
+    "uint64": "uint64_val",
+    "bool": "bool_val",
+    "complex64": "scomplex_val",
+    "complex128": "dcomplex_val",
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", NUMERIC_DTYPES, ids=DTYPE_IDS)
+def test_typed_encoding_fills_the_field_tensorflow_serving_answers_with(dtype, shape):
+    """TF Serving answers with AsProtoField (predict_util.cc); its clients read `float_val`."""
+    array = _values(dtype, shape, seed=4)
+    proto = to_typed_tensor_proto(array)
+
+    assert not proto.tensor_content
+    field = AS_PROTO_FIELD[np.dtype(dtype).name]
+    per_value = 2 if field.endswith("complex_val") else 1
+    assert len(getattr(proto, field)) == array.size * per_value
+    _assert_same(tf.make_ndarray(proto), array)
+    _assert_same(to_ndarray(proto), array)
+
+
+def test_typed_float_val_reads_as_tf_serving_clients_read_it():
+    """mnist_client.py takes numpy.argmax of `float_val`; resnet_client_grpc.py prints it."""
+    scores = np.array([[0.1, 0.7, 0.2]], np.float32)
+    proto = to_typed_tensor_proto(scores)
+
+    assert int(np.argmax(proto.float_val)) == 1
+    assert list(proto.float_val) == pytest.approx([0.1, 0.7, 0.2])
 
 
 @pytest.mark.parametrize("dtype", NUMERIC_DTYPES, ids=DTYPE_IDS)

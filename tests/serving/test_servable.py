@@ -128,13 +128,13 @@ def test_signature_lookup(tiny):
         ),
         (
             {"images": np.zeros((2, 28, 28), np.float32)},
-            'Input "images" has shape [2,28,28], which does not match the signature shape '
-            "[-1,28,28,1]",
+            "convolution input must be 4-dimensional: [2,28,28] "
+            "[[{{node functional_1/conv2d_1/Relu}}]]",
         ),
         (
-            {"images": np.zeros((2, 28, 27, 1), np.float32)},
-            'Input "images" has shape [2,28,27,1], which does not match the signature shape '
-            "[-1,28,28,1]",
+            {"images": np.zeros((2, 28, 28, 1, 1), np.float32)},
+            "convolution input must be 4-dimensional: [2,28,28,1,1] "
+            "[[{{node functional_1/conv2d_1/Relu}}]]",
         ),
     ],
 )
@@ -156,17 +156,30 @@ def test_missing_and_extra_inputs_are_named_together(two_inputs):
     )
 
 
-def test_inputs_of_one_request_share_the_batch_size(two_inputs):
+def test_shapes_are_left_to_the_graph(two_inputs):
+    """TF Serving does not compare request shapes with the signature (predict_util.cc feeds the
+    session as given): a shape the graph can take runs, one it cannot fails in its kernel."""
+    a = np.ones((2, 2), np.float32)
+
+    broadcast = two_inputs.run("", {"a": a, "b": np.array([1])})
+    with pytest.raises(InvalidArgument) as caught:
+        two_inputs.run("", {"a": a, "b": np.array([1, 2, 3])})
+
+    np.testing.assert_allclose(broadcast["total"], [3.0, 3.0])
+    assert caught.value.message == "Incompatible shapes: [3] vs. [2] [[{{node add}}]]"
+
+
+def test_requests_to_be_batched_must_share_dimension_0(two_inputs):
     a, b = np.ones((2, 2), np.float32), np.array([1, 2, 3])
 
     with pytest.raises(InvalidArgument) as caught:
-        two_inputs.run("", {"a": a, "b": b})
+        two_inputs.validate("", {"a": a, "b": b}, batched=True)
 
     assert caught.value.message == (
-        'Inputs of one request must have the same batch size (dimension 0): "a" has 2, "b" has 3'
+        "Batching session Run() input tensors must have equal 0th-dimension size: "
+        '"a" has shape [2,2], "b" has shape [3]'
     )
-    outputs = two_inputs.run("", {"a": a, "b": b[:2]})
-    np.testing.assert_allclose(outputs["total"], [3.0, 4.0])
+    assert two_inputs.validate("", {"a": a, "b": b[:2]}, batched=True).key == "serving_default"
 
 
 def test_output_filter_errors(tiny):
