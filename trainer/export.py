@@ -3,6 +3,11 @@
 A version is written under `.export-<version>-<random>` (TF Serving only looks at all-digit
 names), reloaded and checked against the in-memory model, then renamed into place. A version is
 never overwritten, and a failed or interrupted export leaves no numeric directory behind.
+
+Crash safety: an export given an `export_id` carries it inside the staged version
+(`assets.extra/export_origin.json`), so the rename publishes the version and its origin at
+once, and `find_export` tells a rerun which version an earlier, killed attempt published.
+Staging directories left by killed exporters are removed by the next export (trainer/staging.py).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import json
 import logging
 import os
 import re
@@ -24,8 +30,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convstack.common.files import fsync_path, fsync_tree
-from convstack.trainer import model_card, signatures, tflite_export, warmup
+from convstack.common.files import fsync_path, fsync_tree, write_json_atomic
+from convstack.trainer import crash_points, model_card, signatures, staging, tflite_export, warmup
 from convstack.trainer.errors import ExportError, VersionExistsError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,8 @@ VERIFY_IMAGE_BYTES = 4
 FLOAT32_ATOL = 1e-5
 MIXED_PRECISION_ATOL = 1e-2
 _NUMERIC = re.compile(r"[0-9]+")
+# Which export published a version: {"export_id": ...}, beside the model card.
+ORIGIN_FILE = Path("assets.extra") / "export_origin.json"
 
 
 def _before_rename(temp_dir: Path) -> None:
@@ -74,6 +82,28 @@ class ExportResult:
     version: int
     path: Path
     model_card: dict
+
+
+def export_origin(version_dir: Path) -> str | None:
+    """The export id a version was published with, or None (none recorded, or unreadable)."""
+    try:
+        origin = json.loads((Path(version_dir) / ORIGIN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return origin.get("export_id") if isinstance(origin, dict) else None
+
+
+def find_export(model_dir: Path, export_id: str) -> ExportResult | None:
+    """The version of `model_dir` published with `export_id`, if one was."""
+    for version in numeric_versions(model_dir):
+        path = _existing_version_path(Path(model_dir), version)
+        if path is not None and export_origin(path) == export_id:
+            return ExportResult(version, path, model_card.read_model_card(path))
+    return None
+
+
+def _write_origin(directory: Path, export_id: str) -> None:
+    write_json_atomic(directory / ORIGIN_FILE, {"export_id": export_id})
 
 
 def _version_path(model_dir: Path, version: int) -> Path:
@@ -278,6 +308,7 @@ def _publish(temp_dir: Path, model_dir: Path, version: int) -> Path:
     target = _version_path(model_dir, version)
     try:
         _rename_no_replace(temp_dir, target)
+        crash_points.reached("renamed")
     except OSError as exc:
         # A non-empty target makes rename(2) fail: a concurrent exporter got there first.
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
@@ -304,8 +335,7 @@ def _make_temp_dir(model_dir: Path, version: int, is_chief: bool) -> Path:
         # Non-chief workers write outside the model repository, so they can never collide
         # with the chief's version or leave anything a server might see.
         return Path(tempfile.mkdtemp(prefix=f"convstack-export-{version}-worker-"))
-    model_dir.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".export-{version}-", dir=model_dir))
+    return Path(tempfile.mkdtemp(prefix=f"{staging.PREFIX}{version}-", dir=model_dir))
 
 
 def export_version(
@@ -320,6 +350,7 @@ def export_version(
     card_fields: dict,
     tflite: bool = False,
     is_chief: bool = True,
+    export_id: str | None = None,
 ) -> ExportResult:
     """Export `model` (float32 logits) as `<model_base>/<model_name>/<version>/`.
 
@@ -329,7 +360,8 @@ def export_version(
     renames it into place. Raises VersionExistsError if the version exists (never overwrites)
     and ExportError on any other failure, leaving no numeric directory behind. A non-chief
     worker (`is_chief=False`) does the same work (minus TFLite, which is chief-only
-    post-processing) in a temporary directory it then removes.
+    post-processing) in a temporary directory it then removes. `export_id` is recorded in the
+    published version, for `find_export` (the caller checks it was not published before).
     """
     model_dir = Path(model_base) / model_name
     test_images = np.asarray(test_images, np.float32)
@@ -337,36 +369,86 @@ def export_version(
     model_card.validate_card_fields(card_fields)
 
     existing = numeric_versions(model_dir)
-    parent_version = existing[-1] if existing else None
-    version = _choose_version(model_dir, version, is_chief)
-    temp_dir = _make_temp_dir(model_dir, version, is_chief)
-    logger.info("Exporting %s version %d into %s", model_name, version, temp_dir)
+    job = _Job(
+        model=model,
+        model_dir=model_dir,
+        model_name=model_name,
+        version=_choose_version(model_dir, version, is_chief),
+        parent_version=existing[-1] if existing else None,
+        test_images=test_images,
+        test_labels=test_labels,
+        representative_images=representative_images,
+        card_fields=card_fields,
+        tflite=tflite and is_chief,
+        is_chief=is_chief,
+        export_id=export_id,
+    )
+    if not is_chief:
+        return _stage_and_publish(job)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with staging.staging_lock(model_dir):
+        return _stage_and_publish(job)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One export_version call, its arguments checked and its version chosen."""
+
+    model: keras.Model
+    model_dir: Path
+    model_name: str
+    version: int
+    parent_version: int | None
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    representative_images: np.ndarray
+    card_fields: dict
+    tflite: bool
+    is_chief: bool
+    export_id: str | None
+
+
+def _stage_and_publish(job: _Job) -> ExportResult:
+    """Write and verify the version in a staging directory, then rename it into place (the
+    chief) or remove it (a non-chief); the staging directory never outlives a failure."""
+    temp_dir = _make_temp_dir(job.model_dir, job.version, job.is_chief)
+    crash_points.reached("staging-created")
+    logger.info("Exporting %s version %d into %s", job.model_name, job.version, temp_dir)
     try:
         card = _write_and_verify(
-            model,
+            job.model,
             temp_dir,
-            model_name=model_name,
-            version=version,
-            parent_version=parent_version,
-            test_images=test_images,
-            test_labels=test_labels,
-            representative_images=representative_images,
-            card_fields=card_fields,
-            tflite=tflite and is_chief,
+            model_name=job.model_name,
+            version=job.version,
+            parent_version=job.parent_version,
+            test_images=job.test_images,
+            test_labels=job.test_labels,
+            representative_images=job.representative_images,
+            card_fields=job.card_fields,
+            tflite=job.tflite,
         )
-        if not is_chief:
-            logger.info("Non-chief export of version %d verified; removing %s", version, temp_dir)
-            return ExportResult(version, temp_dir, card)
+        if not job.is_chief:
+            logger.info("Non-chief export of version %d verified; removing %s", job.version,
+                        temp_dir)  # fmt: skip
+            return ExportResult(job.version, temp_dir, card)
+        if job.export_id is not None:
+            # Inside the staged tree, so that the rename publishes the version and its origin
+            # together: no moment exists where the version is out but nobody knows whose it is.
+            _write_origin(temp_dir, job.export_id)
+        crash_points.reached("staged")
         _before_rename(temp_dir)
         fsync_tree(temp_dir)
-        final = _publish(temp_dir, model_dir, version)
+        crash_points.reached("tree-synced")
+        final = _publish(temp_dir, job.model_dir, job.version)
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"export of {model_name} version {version} failed: {exc}") from exc
+        raise ExportError(
+            f"export of {job.model_name} version {job.version} failed: {exc}"
+        ) from exc
     finally:
         # Removes the temp dir on failure (and always for non-chief); after a successful
         # rename it no longer exists.
         shutil.rmtree(temp_dir, ignore_errors=True)
-    logger.info("Exported %s version %d to %s", model_name, version, final)
-    return ExportResult(version, final, card)
+    logger.info("Exported %s version %d to %s", job.model_name, job.version, final)
+    return ExportResult(job.version, final, card)

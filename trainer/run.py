@@ -3,7 +3,6 @@ checkpoints and preemption -> test evaluation -> atomic versioned export."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,13 +12,12 @@ from pathlib import Path
 
 import keras
 
-from convstack.common.files import write_json_atomic
-from convstack.trainer import pipeline
+from convstack.trainer import crash_points, export_record, pipeline
 from convstack.trainer.checkpoints import RunCheckpoints, check_run_identity, worker_scratch_dir
 from convstack.trainer.config import TrainConfig
 from convstack.trainer.data import Dataset, load_dataset
 from convstack.trainer.errors import Preempted, VersionExistsError
-from convstack.trainer.export import ExportResult, export_version
+from convstack.trainer.export import ExportResult, export_origin, export_version, find_export
 from convstack.trainer.loop import DistributedTrainer, StepTotals, mixed_precision_policy
 from convstack.trainer.preemption import PreemptionWatcher
 from convstack.trainer.reporting import (
@@ -66,10 +64,13 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _refuse_existing_version(config: TrainConfig) -> None:
-    """Fail before training, not after, when the requested version already exists."""
+    """Fail before training, not after, when the requested version already exists (unless
+    this run directory published it, and a rerun is to finish recording that)."""
     if config.export and config.version is not None:
         target = Path(config.model_base) / config.model_name / str(config.version)
-        if target.exists():
+        record = export_record.read_record(Path(config.run_dir))
+        ours = record is not None and record.export_id is not None
+        if target.exists() and not (ours and export_origin(target) == record.export_id):
             raise VersionExistsError(
                 f"{target}: version {config.version} already exists; versions are never "
                 "overwritten (omit --version to export the next one)"
@@ -228,17 +229,35 @@ class TrainingRun:
 
     def _export_once(self, test: StepTotals, training_seconds: float) -> ExportResult | None:
         """Export, unless this run directory already exported this very step (a restarted Job
-        must not publish the same training twice)."""
-        marker = self.run_dir / "export.json"
-        if marker.exists():
-            previous = json.loads(marker.read_text())
-            if previous.get("global_step") == self.step:
-                log.info("run already exported version %s at step %d: %s",
-                         previous.get("version"), self.step, previous.get("path"))  # fmt: skip
-                return None
+        must not publish the same training twice, wherever the last attempt was killed:
+        trainer/export_record.py)."""
+        record = export_record.read_record(self.run_dir)
+        if record is not None and record.published and record.global_step == self.step:
+            log.info("run already exported version %s at step %d: %s",
+                     record.version, self.step, record.path)  # fmt: skip
+            return None
+        if not self.is_chief:  # a non-chief publishes nothing, so it records nothing
+            return self._export(test, training_seconds, export_id=None)
+        export_id = export_record.export_id_for(record, self.step)
+        intent = export_record.record_intent(self.run_dir, self.step, export_id)
+        crash_points.reached("intent-recorded")
+        model_dir = Path(self.config.model_base) / self.config.model_name
+        result = find_export(model_dir, export_id)
+        if result is not None:
+            log.info("version %d holds this run's export from before a crash; not exporting "
+                     "it again", result.version)  # fmt: skip
+        else:
+            result = self._export(test, training_seconds, export_id)
+        crash_points.reached("exported")
+        export_record.record_published(self.run_dir, intent, result.version, result.path)
+        return result
+
+    def _export(
+        self, test: StepTotals, training_seconds: float, export_id: str | None
+    ) -> ExportResult:
         test_images, test_labels = self.dataset.arrays("test")
         representative, _ = self.dataset.arrays("train", limit=200)
-        result = export_version(
+        return export_version(
             self.trainer.model,
             model_base=self.config.model_base,
             model_name=self.config.model_name,
@@ -249,11 +268,8 @@ class TrainingRun:
             card_fields=self._card_fields(test, training_seconds),
             tflite=self.config.tflite,
             is_chief=self.is_chief,
+            export_id=export_id,
         )
-        if self.is_chief:
-            write_json_atomic(marker, {"version": result.version, "path": str(result.path),
-                                       "global_step": self.step})  # fmt: skip
-        return result
 
     def _card_fields(self, test: StepTotals, training_seconds: float) -> dict:
         return {

@@ -313,8 +313,36 @@ def test_export_killed_before_rename_leaves_no_version(model, tmp_path):
     assert leftover.startswith(".export-1-")
     assert (model_dir / leftover / "saved_model.pb").is_file()  # it really was mid-export
     assert export.numeric_versions(model_dir) == []
-    # The leftover does not block the next export.
+    # The leftover does not block the next export, which removes it (its exporter is dead).
     assert export.export_version(model, **helpers.export_kwargs(tmp_path)).version == 1
+    assert _leftovers(model_dir) == ["1"]
+
+
+def test_an_export_removes_staging_left_by_dead_exporters(model, tmp_path):
+    model_dir = tmp_path / "tiny"
+    (model_dir / ".export-4-dead").mkdir(parents=True)
+    (model_dir / ".export-4-dead" / "saved_model.pb").write_text("half an export")
+
+    export.export_version(model, **helpers.export_kwargs(tmp_path))
+
+    assert _leftovers(model_dir) == ["1"]
+
+
+def test_an_export_leaves_staging_alone_while_another_exporter_holds_the_lock(model, tmp_path):
+    import fcntl
+
+    model_dir = tmp_path / "tiny"
+    live = model_dir / ".export-4-live"
+    live.mkdir(parents=True)
+    # What a live exporter holds while it stages (another open file, so the locks conflict).
+    fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        export.export_version(model, **helpers.export_kwargs(tmp_path))
+    finally:
+        os.close(fd)
+
+    assert _leftovers(model_dir) == [live.name, "1"]
 
 
 # --- TFLite and non-chief workers --------------------------------------------------------------
