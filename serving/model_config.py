@@ -42,7 +42,11 @@ def parse_model_config(text: str, source: str = "<models.config>") -> ModelServe
         problem = _PARSE_POSITION.sub("", str(exc)).replace("\n", " ")
         line, column = exc.GetLine(), exc.GetColumn()
         where = f"line {line}, column {column}" if line is not None else "parse error"
-        raise ModelConfigError(f"{source}: {where}: {problem}") from exc
+        # TF Serving's wording leads, so that tools grepping its message find ours too.
+        raise ModelConfigError(
+            f"{source}: {where}: Error parsing text-format {config.DESCRIPTOR.full_name}: "
+            f"{problem}"
+        ) from exc
     return config
 
 

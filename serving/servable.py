@@ -450,10 +450,37 @@ def load_version(name: str, version: int, path: Path) -> LoadedVersion:
     try:
         with graph.as_default():
             _load_meta_graph(session, path)
+            unrestored = _uninitialized_variables(session, graph)
     except Exception as exc:
         session.close()
         raise _load_failure(exc, path) from exc
+    if unrestored:
+        # TF Serving serves such a version too, and every request reading them fails.
+        logger.warning(
+            "%s version %d: %d variable(s) neither restored nor initialised by the SavedModel "
+            "(%s); requests that read them fail with FAILED_PRECONDITION. Keras 3 models saved "
+            "with tf.saved_model.save under a distribution strategy do this; export them with "
+            "keras.export.ExportArchive (or model.export) instead",
+            name,
+            version,
+            len(unrestored),
+            ", ".join(unrestored[:5]) + (", ..." if len(unrestored) > 5 else ""),
+        )
     return LoadedVersion(name, version, path, session, meta_graph)
+
+
+def _uninitialized_variables(session: tf.compat.v1.Session, graph: tf.Graph) -> list[str]:
+    """Resource variables of the graph that the restore and the init ops left empty."""
+    handles = [op.outputs[0] for op in graph.get_operations() if op.type == "VarHandleOp"]
+    if not handles:
+        return []
+    checks = [tf.raw_ops.VarIsInitializedOp(resource=handle) for handle in handles]
+    initialized = session.run(checks)
+    return [
+        handle.op.get_attr("shared_name").decode() or handle.op.name
+        for handle, ready in zip(handles, initialized, strict=True)
+        if not ready
+    ]
 
 
 def _load_meta_graph(session: tf.compat.v1.Session, path: Path) -> None:

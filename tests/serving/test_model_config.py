@@ -48,6 +48,8 @@ def test_parse_error_names_source_line_and_problem():
 
     message = str(caught.value)
     assert message.startswith("/etc/models.config: line 4, column")
+    # testBadModelConfig greps TF Serving's stderr for this phrase.
+    assert "Error parsing text-format tensorflow.serving.ModelServerConfig: " in message
     assert "base_pth" in message
     assert "\n" not in message
     assert isinstance(caught.value, ValueError)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -132,3 +133,33 @@ def monitoring_file(tmp_path) -> Path:
         'prometheus_config {\n  enable: true,\n  path: "/monitoring/prometheus/metrics"\n}\n'
     )
     return path
+
+
+# TF Serving's own test models and configs (../shared/tfserving-upstream/testdata next to the
+# checkout); CONVSTACK_TFSERVING_TESTDATA points elsewhere. Tests copy them, never write there.
+TESTDATA_ENV = "CONVSTACK_TFSERVING_TESTDATA"
+_TESTDATA_CANDIDATES = (
+    Path(__file__).resolve().parents[3].parent / "shared" / "tfserving-upstream" / "testdata",
+    Path("/work/shared/tfserving-upstream/testdata"),
+)
+
+
+def upstream_testdata() -> Path:
+    """Where TF Serving's test models are; skips (saying where it looked) when they are not."""
+    candidates = [Path(os.environ[TESTDATA_ENV])] if os.environ.get(TESTDATA_ENV) else []
+    candidates += _TESTDATA_CANDIDATES
+    for candidate in candidates:
+        if (candidate / "saved_model_half_plus_two_cpu").is_dir():
+            return candidate
+    pytest.skip(
+        "TF Serving's test models not found (looked in "
+        f"{', '.join(map(str, candidates))}; set {TESTDATA_ENV})"
+    )
+
+
+@pytest.fixture(scope="session")
+def upstream_models(tmp_path_factory) -> Path:
+    """A private copy of TF Serving's testdata directory."""
+    copy = tmp_path_factory.mktemp("tfserving-testdata") / "testdata"
+    shutil.copytree(upstream_testdata(), copy)
+    return copy
