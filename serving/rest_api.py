@@ -1,9 +1,15 @@
-"""TensorFlow Serving's REST API on aiohttp: predict (row and columnar JSON), model status and
-metadata, TF Serving's error JSON and status codes, Prometheus metrics, and readiness/liveness
-endpoints (which TF Serving lacks)."""
+"""TensorFlow Serving's REST API on aiohttp: predict (row and columnar JSON), classify and
+regress (tf.Example JSON), model status and metadata, TF Serving's error JSON and status codes,
+Prometheus metrics, and readiness/liveness endpoints (which TF Serving lacks).
+
+Connections are bounded: a declared body over the limit is refused at once (413), a body that
+does not arrive within `body_timeout_seconds` is answered 408, and a connection on which no
+complete request head arrives within `idle_timeout_seconds` (of opening, or of the previous
+response) is closed; see `RestApi.runner`."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -12,7 +18,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from convstack.serving import rest_json
+from convstack.serving import rest_examples, rest_json
 from convstack.serving.errors import InvalidArgument, ServingError
 from convstack.serving.inference import InferenceService, ModelRef
 from convstack.serving.metrics import MonitoringConfig, ServingMetrics
@@ -30,14 +36,57 @@ STATUS_PATH = re.compile(
 )
 
 
+_INT64_MAX = 2**63 - 1
+# Names and paths echoed into messages are cut to this many characters.
+ECHO_CHARS = 256
+# A whole REST error message is cut to this many characters (messages from elsewhere included).
+MAX_ERROR_CHARS = 4096
+
+
+def truncate_for_message(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` if it has at most `limit` characters, else its head and an elision marker."""
+    if len(text) <= limit:
+        return text
+    marker = f"...<{len(text) - limit} more characters>"
+    return text[:limit] + marker
+
+
+def error_json(message: str, status: int) -> web.Response:
+    """TF Serving's error body, {"error": "<message>"}."""
+    return web.json_response(
+        {"error": truncate_for_message(message, MAX_ERROR_CHARS)}, status=status
+    )
+
+
 def error_response(error: ServingError) -> web.Response:
-    return web.json_response({"error": error.message}, status=error.http_status)
+    return error_json(error.message, error.http_status)
+
+
+def _shorten_echoes(message: str, match: re.Match | None) -> str:
+    """Long path parts (model name, label) echoed in a message, whoever wrote it, cut short."""
+    if match is None:
+        return message
+    for part in match.groups()[:3]:
+        if part and len(part) > ECHO_CHARS:
+            for echo in {part, unquote(part)}:
+                message = message.replace(echo, truncate_for_message(echo))
+    return message
+
+
+def parse_version(version: str) -> int:
+    """A path's version as TF Serving's absl::SimpleAtoi into int64 takes it."""
+    digits = version.lstrip("0") or "0"
+    if len(digits) > 19 or int(digits) > _INT64_MAX:
+        raise InvalidArgument(
+            f"Failed to convert version: {truncate_for_message(version)} to numeric."
+        )
+    return int(digits)
 
 
 def parse_ref(name: str, version: str | None, label: str | None) -> ModelRef:
     return ModelRef(
         unquote(name) if name else "",
-        int(version) if version else None,
+        parse_version(version) if version else None,
         unquote(label) if label else None,
     )
 
@@ -54,16 +103,45 @@ class RestApi:
         *,
         timeout_seconds: float = 30.0,
         max_body_bytes: int = 256 * 1024 * 1024,
+        body_timeout_seconds: float = 60.0,
+        idle_timeout_seconds: float = 75.0,
+        lingering_seconds: float = 5.0,
+        max_request_line_bytes: int = 64 * 1024,
     ) -> None:
+        """`timeout_seconds`: a request's deadline once read (TF Serving's
+        --rest_api_timeout_in_ms); `max_body_bytes`: the largest body; `body_timeout_seconds`:
+        how long a body may take to arrive once its headers have; `idle_timeout_seconds`: how
+        long a connection may stay without a complete request head, from its opening or its
+        previous response; `lingering_seconds`: how long the unread rest of a refused body is
+        drained (so that the client sees the answer) before the connection closes;
+        `max_request_line_bytes`: the longest request line (aiohttp's own default, 8190, answers
+        a longer path with a plain-text 400 before this API sees it)."""
         self._service = service
         self._metrics = metrics
         self._monitoring = monitoring
         self._ready = ready
         self._timeout = timeout_seconds
         self._max_body_bytes = max_body_bytes
+        self._body_timeout = body_timeout_seconds
+        self._idle_timeout = idle_timeout_seconds
+        self._lingering = lingering_seconds
+        self._max_line = max_request_line_bytes
+
+    def runner(self, *, shutdown_timeout: float = 10.0) -> web.AppRunner:
+        """The application in an AppRunner with this API's connection timeouts."""
+        return web.AppRunner(
+            self.application(),
+            access_log=None,
+            shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=self._idle_timeout,  # aiohttp also times the first head with it
+            lingering_time=self._lingering,
+            max_line_size=self._max_line,
+        )
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self._max_body_bytes)
+        app = web.Application(
+            client_max_size=self._max_body_bytes, middlewares=[self._declared_size]
+        )
         if self._monitoring.enable:
             app.router.add_get(self._monitoring.path, self._prometheus)
         app.router.add_get("/readyz", self._readyz)
@@ -71,32 +149,61 @@ class RestApi:
         app.router.add_route("*", "/v1/{tail:.*}", self._v1)
         return app
 
+    @web.middleware
+    async def _declared_size(self, request: web.Request, handler):
+        """Refuse a body declared over the limit before reading any of it."""
+        declared = request.content_length
+        if declared is not None and declared > self._max_body_bytes:
+            response = error_json(
+                f"Request body too large: {declared} bytes declared, the limit is "
+                f"{self._max_body_bytes} bytes",
+                413,
+            )
+            response.force_close()
+            return response
+        return await handler(request)
+
     async def _v1(self, request: web.Request) -> web.Response:
         path = request.url.raw_path
+        match = None
         try:
             if request.method == "POST" and (match := PREDICT_PATH.fullmatch(path)):
                 return await self._post(request, match)
             if request.method == "GET" and (match := STATUS_PATH.fullmatch(path)):
                 return self._get(match)
-            raise InvalidArgument(f"Malformed request: {request.method} {path}")
+            raise InvalidArgument(
+                f"Malformed request: {request.method} {truncate_for_message(path)}"
+            )
         except ServingError as error:
-            return error_response(error)
+            return error_json(_shorten_echoes(error.message, match), error.http_status)
         except web.HTTPRequestEntityTooLarge as exc:
-            return web.json_response({"error": f"Request body too large: {exc.text}"}, status=413)
+            response = error_json(f"Request body too large: {exc.text}", 413)
+            response.force_close()
+            return response
+        except _BodyTimeout:
+            response = error_json(
+                f"Request body not received within {self._body_timeout:g} seconds", 408
+            )
+            response.force_close()
+            return response
         except Exception as exc:  # a request never takes the server down
-            log.exception("REST %s %s failed", request.method, path)
-            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+            log.exception("REST %s %s failed", request.method, truncate_for_message(path))
+            return error_json(f"{type(exc).__name__}: {exc}", 500)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise _BodyTimeout from None
 
     async def _post(self, request: web.Request, match: re.Match) -> web.Response:
         name, version, label, verb = match.groups()
         ref = parse_ref(name, version, label)
-        body = await request.read()
-        if verb.lower() != "predict":
-            raise InvalidArgument(
-                f"Expected {'classification' if verb.lower() == 'classify' else 'regression'}"
-                " signature method_name to be "
-                f"tensorflow/serving/{verb.lower()}. Was: tensorflow/serving/predict"
-            )
+        body = await self._read_body(request)
+        verb = verb.lower()
+        if verb != "predict":
+            return await self._examples(ref, verb, body)
         started = time.perf_counter()
         try:
             signature_name, inputs, fmt = self._decode(body, ref)
@@ -112,6 +219,29 @@ class RestApi:
             entrypoint="REST",
         )
         return web.json_response(rest_json.format_predict_response(result.outputs, fmt))
+
+    async def _examples(self, ref: ModelRef, verb: str, body: bytes) -> web.Response:
+        """:classify / :regress. As TF Serving, the body is parsed before the model is looked
+        up: a malformed body is 400 even for an unknown model, a valid one 404."""
+        started = time.perf_counter()
+        try:
+            signature_name, model_input = rest_examples.parse_examples_body(body)
+        except ServingError as error:
+            elapsed = time.perf_counter() - started
+            self._metrics.record_request(ref.name, verb, "REST", error.code, elapsed)
+            raise
+        if verb == "classify":
+            run, write = self._service.classify, rest_examples.format_classification_result
+        else:
+            run, write = self._service.regress, rest_examples.format_regression_result
+        result = await run(
+            ref,
+            signature_name,
+            model_input,
+            deadline=time.monotonic() + self._timeout,
+            entrypoint="REST",
+        )
+        return web.json_response(write(result.result))
 
     def _decode(self, body: bytes, ref: ModelRef):
         """Parse the body once; the codec asks for the signature's inputs by name."""
@@ -131,8 +261,8 @@ class RestApi:
         name, version, label, subresource = match.groups()
         if version and label:
             raise InvalidArgument(
-                f"Both model version ({version}) and model version label ({label}) cannot be "
-                "supplied."
+                f"Both model version ({truncate_for_message(version)}) and model version label "
+                f"({truncate_for_message(label)}) cannot be supplied."
             )
         if not name:
             raise InvalidArgument("Missing model name in request.")
@@ -162,3 +292,7 @@ class RestApi:
 
     async def _livez(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
+
+
+class _BodyTimeout(Exception):
+    """The request body did not arrive within the body timeout."""

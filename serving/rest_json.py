@@ -6,9 +6,17 @@ Pure and transport-free: no HTTP here. Behaviour and error wording follow TF Ser
 * row format `{"instances": [...]}`: one entry per batch row, either plain values (one input) or
   objects keyed by input name (every object has exactly the signature's keys); inputs get a
   leading batch dimension. Columnar format `{"inputs": value-or-object}`: tensors as given.
+* The body is parsed as TF Serving's rapidjson does (kParseIterativeFlag | kParseNanAndInfFlag |
+  kParseStopWhenDoneFlag): NaN / Infinity / -Infinity are numbers, whatever follows the root
+  value is ignored, a leading UTF-8 BOM is skipped, a number beyond double's range is "Number
+  too big to be stored in double.", an unpaired high surrogate escape is "The surrogate pair in
+  string is invalid." (an unpaired low one is kept, as its three UTF-8 bytes). Integer literals
+  beyond int64/uint64 are doubles, as in rapidjson. Nesting is bounded (MAX_JSON_DEPTH) before
+  Python's recursive decoder sees the body.
 * JSON numbers convert to the signature's dtype under TF Serving's rules: integer dtypes take
-  only integer literals in range; float/double refuse integers they cannot hold exactly
-  (above 2**24-1 / 2**53-1) and finite numbers beyond their range; bool takes true/false only.
+  only integer literals in range; float and double take any number, rounded to the dtype
+  (1.797e308 is inf as a float; TF Serving dropped its "loss of precision" check); bool takes
+  true/false only.
   DT_STRING takes JSON strings (UTF-8) and `{"b64": "..."}` objects. half, bfloat16, uint16 and
   complex inputs are UNIMPLEMENTED in TF Serving's REST API, and here.
 * Output strings of tensors whose name ends in `_bytes` are `{"b64": ...}`; float32 values are
@@ -28,6 +36,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -39,16 +48,25 @@ from convstack.serving.errors import InvalidArgument, Unimplemented
 
 __all__ = [
     "COLUMNAR",
+    "MAX_JSON_DEPTH",
     "ROW",
     "InputSpec",
     "RestFormatError",
     "RestUnimplementedError",
     "SignatureInputs",
     "TensorSpecLike",
+    "debug_string",
+    "decode_b64",
+    "float32_json_values",
     "format_metadata",
     "format_predict_response",
     "format_status",
+    "is_b64_object",
+    "json_type",
+    "parse_json_object",
     "parse_predict_body",
+    "signature_name_of",
+    "utf8_bytes",
 ]
 
 ROW = "row"
@@ -103,10 +121,13 @@ _INT_RANGES = {
     "uint32": (0, 2**32 - 1),
     "uint64": (0, 2**64 - 1),
 }
-# Largest integers float/double hold exactly (TF Serving's IsLosslessDecimal uses 2**digits - 1).
-_LOSSLESS_INT = {"float32": 2**24 - 1, "float64": 2**53 - 1}
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_FLOATS = {"float32", "float64"}
 _MAX_RANK = 64  # numpy's limit on dimensions
+# Arrays and objects nested deeper than this are refused before parsing (rapidjson parses
+# iteratively, without a limit; Python's decoder recurses). Valid tensors nest at most 65 deep.
+MAX_JSON_DEPTH = 512
+# TF Serving's JsonValueToDebugString stops writing a value once this many bytes are out.
+_DEBUG_STRING_BYTES = 256
 
 # rapidjson's wording for the Python json module's parse errors (TF Serving echoes rapidjson's).
 _PARSE_ERRORS = {
@@ -117,7 +138,10 @@ _PARSE_ERRORS = {
     "Unterminated string starting at": "Missing a closing quotation mark in string.",
     "Invalid \\escape": "Invalid escape character in string.",
     "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+    "Invalid control character at": "Invalid escape character in string.",
 }
+_NUMBER_TOO_BIG = "Number too big to be stored in double."
+_SURROGATE = "The surrogate pair in string is invalid."
 
 
 class RestFormatError(InvalidArgument, ValueError):
@@ -141,10 +165,142 @@ SignatureInputs = Mapping[str, InputSpec] | Callable[[str], Mapping[str, InputSp
 # ---------------------------------------------------------------------------------------------
 # JSON helpers
 
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\f": "\\f",
+    "\n": "\\n",
+    "\r": "\\r",
+    "\t": "\\t",
+}
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
 
-def _dump(value) -> str:
-    """A JSON value as TF Serving quotes it in messages (rapidjson's PrettyWriter layout)."""
-    return json.dumps(value, indent=4, ensure_ascii=False)
+
+def _escape_char(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or f"\\u{ord(char):04X}"
+
+
+def _quote(text: str) -> str:
+    """A JSON string as rapidjson's Writer writes it (non-ASCII raw, control chars \\u00XX)."""
+    return '"' + _NEEDS_ESCAPE.sub(_escape_char, text) + '"'
+
+
+def _rapidjson_double(number: float) -> str | None:
+    """rapidjson's Writer::Double text (Grisu shortest digits, then its Prettify layout), or
+    None for NaN and infinities, which its Writer refuses to write."""
+    if not math.isfinite(number):
+        return None
+    sign = "-" if math.copysign(1.0, number) < 0 else ""
+    if number == 0:
+        return sign + "0.0"
+    mantissa, _, exponent = repr(abs(number)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction).lstrip("0")
+    k = (int(exponent) if exponent else 0) - len(fraction)
+    stripped = digits.rstrip("0")
+    k += len(digits) - len(stripped)
+    digits = stripped
+    length = len(digits)
+    kk = length + k  # 10^(kk-1) <= number < 10^kk
+    if k >= 0 and kk <= 21:
+        text = digits + "0" * k + ".0"
+    elif 0 < kk <= 21:
+        text = f"{digits[:kk]}.{digits[kk:]}"
+    elif -6 < kk <= 0:
+        text = "0." + "0" * -kk + digits
+    elif length == 1:
+        text = f"{digits}e{kk - 1}"
+    else:
+        text = f"{digits[0]}.{digits[1:]}e{kk - 1}"
+    return sign + text
+
+
+def _dump(value, limit: int = _DEBUG_STRING_BYTES) -> str:
+    """A JSON value as TF Serving quotes it in messages: JsonValueToDebugString, i.e. rapidjson's
+    PrettyWriter (4-space indent, arrays on one line) that stops before the first token it would
+    start once `limit` bytes are written. Iterative, so any nesting depth is fine."""
+    out: list[str] = []
+    size = 0
+    # Each level: [is_array, values_written, iterator over its items].
+    levels: list[list] = []
+
+    def emit(text: str) -> bool:
+        nonlocal size
+        if size >= limit:
+            return False
+        out.append(text)
+        size += len(text.encode("utf-8", "surrogatepass"))
+        return True
+
+    def prefix() -> str:
+        if not levels:
+            return ""
+        level = levels[-1]
+        count = level[1]
+        level[1] += 1
+        if level[0]:
+            return ", " if count else ""
+        if count % 2:
+            return ": "
+        return ("," if count else "") + "\n" + " " * 4 * len(levels)
+
+    def scalar(item) -> bool:
+        if size >= limit:
+            return False
+        lead = prefix()
+        if item is None:
+            token = "null"
+        elif isinstance(item, bool):
+            token = "true" if item else "false"
+        elif isinstance(item, str):
+            token = _quote(item)
+        elif isinstance(item, float):
+            token = _rapidjson_double(item)
+            if token is None:  # the prefix is out, then the writer gives up
+                emit(lead)
+                return False
+        else:
+            token = str(item)
+        return emit(lead + token)
+
+    def start(item) -> bool:
+        if size >= limit:
+            return False
+        is_array = isinstance(item, list)
+        if not emit(prefix() + ("[" if is_array else "{")):
+            return False
+        items = iter(item) if is_array else iter(item.items())
+        levels.append([is_array, 0, items])
+        return True
+
+    def visit(item) -> bool:
+        return start(item) if isinstance(item, (list, dict)) else scalar(item)
+
+    if not visit(value):
+        return "".join(out)
+    while levels:
+        is_array, _, items = levels[-1]
+        entry = next(items, _END)
+        if entry is _END:
+            if size >= limit:
+                break
+            count = levels.pop()[1]
+            if is_array:
+                emit("]")
+            else:
+                emit(("\n" + " " * 4 * len(levels) if count else "") + "}")
+            continue
+        if is_array:
+            if not visit(entry):
+                break
+        elif not (scalar(entry[0]) and visit(entry[1])):
+            break
+    return "".join(out)
+
+
+_END = object()
 
 
 def _json_type(value) -> str:
@@ -166,25 +322,229 @@ def _status(error: Exception) -> str:
     return f"{error.code}: {error.message}"
 
 
+class _NumberTooBig(Exception):
+    """Raised from the decoder's number hooks; carries the literal to locate it."""
+
+
+_DBL_MAX_TENTH = 1.7976931348623157e307  # rapidjson stops growing a big integer past DBL_MAX/10
+_UINT64_DIGITS = 20
+
+
+def _too_big(literal: str) -> bool:
+    """Whether rapidjson 1.1.0 (TF Serving's parser) refuses this number literal as too big.
+
+    It reads the integer part in 32 then 64 bits, continues in a double once the value would
+    overflow (u)int64 and refuses any digit arriving after that double reached DBL_MAX / 10;
+    a positive exponent may be at most 308 plus the fraction digits it kept."""
+    negative = literal.startswith("-")
+    mantissa, has_exponent, exponent = literal.lstrip("-").replace("E", "e").partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    overflowed = False
+    if len(whole) >= _UINT64_DIGITS:
+        limit = 2**63 if negative else 2**64 - 1
+        value = 0
+        for index, digit in enumerate(whole):
+            grown = value * 10 + int(digit)
+            if grown > limit:
+                overflowed = True
+                number = float(value)
+                for rest in whole[index:]:
+                    if number >= _DBL_MAX_TENTH:
+                        return True
+                    number = number * 10 + int(rest)
+                break
+            value = grown
+    if not has_exponent or exponent.startswith("-"):
+        return False
+    exponent = exponent.lstrip("+").lstrip("0") or "0"
+    if len(exponent) > 10:
+        return True
+    kept = 0
+    if fraction and not overflowed:
+        significant = len(whole) - 1 if whole != "0" else 0
+        significand = int(whole)
+        index = 0
+        while index < len(fraction) and significand <= 2**53 - 1:  # rapidjson's fast path
+            significand = significand * 10 + int(fraction[index])
+            kept += 1
+            index += 1
+            if significand:
+                significant += 1
+        number = float(significand)
+        for digit in fraction[index:]:
+            if significant >= 17:
+                break
+            number = number * 10 + int(digit)
+            kept += 1
+            if number > 0:
+                significant += 1
+    return int(exponent) > 308 + kept
+
+
+def _parse_float(literal: str) -> float:
+    if ("e" in literal or "E" in literal or len(literal) > 300) and _too_big(literal):
+        raise _NumberTooBig(literal)
+    return float(literal)
+
+
+def _parse_int(literal: str):
+    if len(literal) < 19:
+        return int(literal)
+    if _too_big(literal):
+        raise _NumberTooBig(literal)
+    value = int(literal)
+    # rapidjson keeps integers in int64 / uint64; anything else is a double.
+    return value if -(2**63) <= value <= 2**64 - 1 else float(literal)
+
+
+_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int)
+_WHITESPACE = " \t\n\r"
+_NUMBER_OR_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?', re.DOTALL)
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+_MAYBE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _byte_offset(text: str, pos: int, skipped: int) -> int:
+    """rapidjson reports byte offsets; Python's decoder counts characters."""
+    return len(text[:pos].encode("utf-8", "surrogatepass")) + skipped
+
+
+def _parse_error(reason: str, text: str, pos: int, skipped: int) -> RestFormatError:
+    offset = _byte_offset(text, pos, skipped)
+    return RestFormatError(f"JSON Parse error: {reason} at offset: {offset}")
+
+
+def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
+    """The position of the first array or object opening beyond `limit` levels, or None.
+
+    Vectorised over the positions of quotes and brackets, so it costs little even on large
+    bodies; bodies with few brackets skip it altogether."""
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    data = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    quotes = np.flatnonzero(data == 34)
+    if len(quotes) and "\\" in text:
+        escaped = quotes[(quotes > 0) & (data[np.maximum(quotes - 1, 0)] == 92)]
+        drop = []
+        for position in escaped.tolist():
+            run = 0
+            while position - run - 1 >= 0 and data[position - run - 1] == 92:
+                run += 1
+            if run % 2:
+                drop.append(position)
+        if drop:
+            quotes = np.setdiff1d(quotes, np.array(drop, dtype=quotes.dtype))
+    opens = np.flatnonzero((data == 91) | (data == 123))
+    closes = np.flatnonzero((data == 93) | (data == 125))
+    # A bracket is inside a string when an odd number of (unescaped) quotes precede it.
+    opens = opens[np.searchsorted(quotes, opens) % 2 == 0]
+    closes = closes[np.searchsorted(quotes, closes) % 2 == 0]
+    events = np.concatenate([opens, closes])
+    steps = np.concatenate([np.ones(len(opens), np.int64), -np.ones(len(closes), np.int64)])
+    order = np.argsort(events, kind="stable")
+    depth = np.cumsum(steps[order])
+    beyond = np.flatnonzero(depth > limit)
+    return int(events[order][beyond[0]]) if len(beyond) else None
+
+
+def _check_surrogates(text: str, skipped: int) -> None:
+    """rapidjson 1.1.0 refuses a high surrogate escape not followed by a low one; a lone low
+    surrogate passes (and becomes its three UTF-8 bytes)."""
+    if not _MAYBE_SURROGATE.search(text):
+        return
+    pending_high = None
+    for match in _ESCAPE.finditer(text):
+        code = int(match.group(1), 16) if match.group(1) else None
+        if pending_high is not None:
+            if code is None or not 0xDC00 <= code <= 0xDFFF or match.start() != pending_high[1]:
+                raise _parse_error(_SURROGATE, text, pending_high[0], skipped)
+            pending_high = None
+            continue
+        if code is not None and 0xD800 <= code <= 0xDBFF:
+            pending_high = (match.start(), match.end())
+    if pending_high is not None:
+        raise _parse_error(_SURROGATE, text, pending_high[0], skipped)
+
+
 def _parse_json(body: bytes | str):
     if not body:
         raise RestFormatError("JSON Parse error: The document is empty")
     if isinstance(body, bytes):
         try:
-            body = body.decode("utf-8")
+            text = body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise RestFormatError(
                 f"JSON Parse error: Invalid encoding in string. at offset: {exc.start}"
             ) from None
+    else:
+        text = body
+    skipped = 0
+    if text.startswith("\ufeff"):  # rapidjson's UTF-8 stream skips a BOM
+        text, skipped = text[1:], 3
+    start = len(text) - len(text.lstrip(_WHITESPACE))
+    if start == len(text):
+        raise _parse_error("The document is empty.", text, start, skipped)
+    deep = _too_deep(text)
+    if deep is not None:
+        raise _parse_error(
+            f"The document nests arrays and objects deeper than {MAX_JSON_DEPTH} levels.",
+            text,
+            deep,
+            skipped,
+        )
     try:
-        return json.loads(body)
+        # raw_decode: as with kParseStopWhenDoneFlag, whatever follows the root is not read.
+        document, _ = _DECODER.raw_decode(text, start)
     except json.JSONDecodeError as exc:
-        reason = _PARSE_ERRORS.get(exc.msg, exc.msg)
-        if exc.msg == "Expecting value" and not body.strip():
-            reason = "The document is empty."
-        raise RestFormatError(f"JSON Parse error: {reason} at offset: {exc.pos}") from None
-    except RecursionError:
+        raise _parse_error(_PARSE_ERRORS.get(exc.msg, exc.msg), text, exc.pos, skipped) from None
+    except _NumberTooBig as exc:
+        literal = exc.args[0]
+        pos = next((m.start() for m in _NUMBER_OR_STRING.finditer(text) if m.group() == literal), 0)
+        raise _parse_error(_NUMBER_TOO_BIG, text, pos, skipped) from None
+    except RecursionError:  # not expected below MAX_JSON_DEPTH; never a 500 regardless
         raise RestFormatError("JSON Parse error: document nested too deeply") from None
+    _check_surrogates(text, skipped)
+    return document
+
+
+def _utf8(text: str) -> bytes:
+    """A parsed JSON string as the bytes rapidjson holds (a lone low surrogate escape included)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def parse_json_object(body: bytes | str) -> dict:
+    """A request body parsed as TF Serving's ParseJson does: rapidjson's flags and errors, and
+    the root must be an object ("JSON Value: ... Is not object")."""
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    document = _parse_json(body)
+    if not isinstance(document, dict):
+        raise RestFormatError(f"JSON Value: {_dump(document)} Is not object")
+    return document
+
+
+def signature_name_of(document: dict) -> str:
+    """The optional "signature_name" of a parsed body ("" when absent), as FillSignature."""
+    signature_name = document.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise RestFormatError(
+            f"JSON Value: {_dump(document)} not formatted correctly. 'signature_name' key must "
+            "be a string value."
+        )
+    return signature_name
+
+
+def float32_json_values(values) -> list:
+    """float32 values as Python floats holding their shortest round-tripping decimal, so that
+    json.dumps writes 0.1 rather than float32's exact double 0.10000000149011612."""
+    array = np.asarray(values, dtype=np.float32)
+    return array.astype(str).astype(np.float64).tolist()
+
+
+# Public names for the other REST codecs (rest_examples).
+debug_string = _dump
+json_type = _json_type
+utf8_bytes = _utf8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +605,16 @@ def _is_b64_object(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get(_B64), str)
 
 
+def is_b64_object(value) -> bool:
+    """{"b64": "<string>"} and nothing else (IsValBase64Object)."""
+    return _is_b64_object(value)
+
+
+def decode_b64(value) -> bytes:
+    """The bytes of a {"b64": ...} object (JsonDecodeBase64Object)."""
+    return _decode_b64(value)
+
+
 def _decode_b64(value) -> bytes:
     if not _is_b64_object(value):
         raise RestFormatError(f"JSON Value: {_dump(value)} not formatted correctly for base64 data")
@@ -260,19 +630,6 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _lossless(value, name: str) -> bool:
-    limit = _LOSSLESS_INT[name]
-    if _is_int(value) and -(2**63) <= value < 2**64:  # rapidjson's Int64/Uint64 numbers
-        return abs(value) <= limit
-    try:
-        number = float(value)
-    except OverflowError:  # an integer literal beyond double's range
-        return False
-    if not math.isfinite(number):
-        return True
-    return name == "float64" or -_FLOAT32_MAX <= number <= _FLOAT32_MAX
-
-
 def _convert(value, dtype: np.dtype):
     """One JSON scalar (or b64 object) -> a Python value ready for an array of `dtype`."""
     name = dtype.name
@@ -280,19 +637,14 @@ def _convert(value, dtype: np.dtype):
         if name == "object":
             return _decode_b64(value)
         raise _type_error(value, dtype)
-    if name in _LOSSLESS_INT:
+    if name in _FLOATS:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(value, dtype)
-        if not _lossless(value, name):
-            target = "float" if name == "float32" else "double"
-            raise RestFormatError(
-                f"Cannot convert JSON value: {_dump(value)} to {target} without loss of precision."
-            )
-        return float(value)
+        return float(value)  # rapidjson's GetDouble; GetFloat is its cast to float
     if name == "object":
         if not isinstance(value, str):
             raise _type_error(value, dtype)
-        return value.encode("utf-8")
+        return _utf8(value)
     if name == "bool":
         if not isinstance(value, bool):
             raise _type_error(value, dtype)
@@ -360,6 +712,9 @@ def _to_array(values: list, shape: list[int], dtype: np.dtype) -> np.ndarray:
         # TF's C++ cast from int_val, and uint64 keeps its full range.
         wide = np.uint64 if dtype == np.uint64 else np.int64
         return np.array(values, dtype=wide).astype(dtype).reshape(shape)
+    if dtype.kind == "f":
+        with np.errstate(over="ignore"):  # a double beyond float's range is inf, as in C++
+            return np.array(values, dtype=np.float64).astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
 
@@ -440,7 +795,7 @@ def _add_object_row(index: int, element, names: list[str], dtypes, batches) -> N
     if set(element) != set(names):
         raise RestFormatError(
             f"Failed to process element: {index} of 'instances' list. JSON object: "
-            f"{_dump(element)} must only have keys: {','.join(names)}"
+            f"{_dump(element)} keys must be equal to: {','.join(names)}"
         )
 
 
@@ -457,7 +812,7 @@ def _fast_numeric(value, dtype: np.dtype, bool_tokens: bool) -> np.ndarray | Non
     """`value` as an array of `dtype`, or None when only the exact walk can decide."""
     name = dtype.name
     if name != "bool":
-        numeric = name in _LOSSLESS_INT or name in _INT_RANGES or name in _INT32_FIELD
+        numeric = name in _FLOATS or name in _INT_RANGES or name in _INT32_FIELD
         # numpy silently turns JSON true/false into 1/0 where TF Serving rejects them, so a
         # body with those tokens anywhere (even inside strings) takes the exact walk.
         if not numeric or bool_tokens:
@@ -468,8 +823,8 @@ def _fast_numeric(value, dtype: np.dtype, bool_tokens: bool) -> np.ndarray | Non
         return None  # ragged, or an integer beyond 64 bits
     if name == "bool":
         return array if array.dtype == np.bool_ else None
-    if name in _LOSSLESS_INT:
-        return _fast_float(array, name, dtype)
+    if name in _FLOATS:
+        return _fast_float(array, dtype)
     return _fast_int(array, name, dtype)
 
 
@@ -482,18 +837,12 @@ def _fast_int(array: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray | Non
     return array.astype(dtype)
 
 
-def _fast_float(array: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray | None:
+def _fast_float(array: np.ndarray, dtype: np.dtype) -> np.ndarray | None:
     if array.dtype.kind not in "iuf" or array.size == 0:
         return None
-    limit = _LOSSLESS_INT[name]
-    if array.dtype.kind == "f":
-        # An integral float here may have been an integer literal, which has the tighter limit.
-        big = np.abs(array) > limit
-        if big.any() and np.isfinite(array[big]).any():
-            return None
-    elif int(array.min()) < -limit or int(array.max()) > limit:
-        return None
-    return array.astype(dtype)
+    # Through double, as rapidjson's GetFloat (int64 -> double -> float rounds twice).
+    with np.errstate(over="ignore"):
+        return array.astype(np.float64).astype(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,15 +910,8 @@ def parse_predict_body(
     """
     if isinstance(body, (bytearray, memoryview)):
         body = bytes(body)
-    document = _parse_json(body)
-    if not isinstance(document, dict):
-        raise RestFormatError(f"JSON Value: {_dump(document)} Is not object")
-    signature_name = document.get("signature_name", "")
-    if not isinstance(signature_name, str):
-        raise RestFormatError(
-            f"JSON Value: {_dump(document)} not formatted correctly. 'signature_name' key must "
-            "be a string value."
-        )
+    document = parse_json_object(body)
+    signature_name = signature_name_of(document)
     dtypes = _input_dtypes(signature_inputs, signature_name)
     if isinstance(body, str):
         bool_tokens = "true" in body or "false" in body
@@ -631,9 +973,7 @@ def _json_values(name: str, array: np.ndarray):
         return out.reshape(array.shape).tolist()
     type_name = array.dtype.name
     if type_name == "float32":
-        # The shortest decimal that round-trips through float32, as a Python float, so that
-        # json.dumps writes 0.1 rather than float32's exact double 0.10000000149011612.
-        return array.astype(str).astype(np.float64).tolist()
+        return float32_json_values(array)
     if type_name in ("float64", "bool") or type_name in _INT_RANGES or type_name in _INT32_FIELD:
         return array.tolist()
     raise RestFormatError(f"Failed to write JSON value for tensor type: {_type_name(array.dtype)}")

@@ -13,6 +13,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from convstack.serving.errors import InvalidArgument, NotFound, ServingError
 from convstack.serving.rest_json import (
     COLUMNAR,
+    MAX_JSON_DEPTH,
     ROW,
     RestFormatError,
     RestUnimplementedError,
@@ -276,8 +277,7 @@ INT = {"default": (np.int32, None)}
         ("", INT, "JSON Parse error: The document is empty"),
         ("  ", INT, "JSON Parse error: The document is empty. at offset: 2"),
         ('{"instances": [1,}', INT, "JSON Parse error: Invalid value. at offset: 17"),
-        ('{"instances": [1]} x', INT, "must not be followed by other values"),
-        ("[1, 2]", INT, "JSON Value: [\n    1,\n    2\n] Is not object"),
+        ("[1, 2]", INT, "JSON Value: [1, 2] Is not object"),
         ('{"x": 1}', INT, "Missing 'inputs' or 'instances' key"),
         (
             '{"signature_name": 5, "instances": [1]}',
@@ -348,17 +348,6 @@ def test_document_errors(body, specs, expected):
         ([None], np.float64, "JSON Value: null Type: Null is not of expected type: double"),
         ([5], object, "JSON Value: 5 Type: Number is not of expected type: string"),
         (
-            [16777217],
-            np.float32,
-            "Cannot convert JSON value: 16777217 to float without loss of precision.",
-        ),
-        ([1e39], np.float32, "to float without loss of precision."),
-        (
-            [9007199254740993],
-            np.float64,
-            "Cannot convert JSON value: 9007199254740993 to double without loss of precision.",
-        ),
-        (
             [{"b64": "aGk="}],
             np.float32,
             'JSON Value: {\n    "b64": "aGk="\n} Type: Object is not of expected type: float',
@@ -391,6 +380,146 @@ def test_float_literal_beyond_float32_exact_ints_is_accepted():
     assert inputs["images"].tolist() == [16777216.0]
 
 
+@pytest.mark.parametrize("force_exact", [False, True], ids=["vectorised", "exact"])
+@pytest.mark.parametrize(
+    ("literal", "dtype", "expected"),
+    [
+        ("1435774380", np.float32, 1435774336.0),
+        ("1435774380.0", np.float32, 1435774336.0),
+        ("16777217", np.float32, 16777216.0),
+        ("1.797e308", np.float32, np.inf),
+        ("-1.797e308", np.float32, -np.inf),
+        ("1e39", np.float32, np.inf),
+        ("9007199254740993", np.float64, 9007199254740992.0),
+        ("1.8e308", np.float64, np.inf),  # within rapidjson's exponent bound: a double inf
+        ("18446744073709551616", np.float64, 2.0**64),  # beyond uint64: a double
+        ("NaN", np.float32, np.nan),
+        ("-Infinity", np.float64, -np.inf),
+    ],
+)
+def test_float_inputs_take_any_number_rounded_to_the_dtype(literal, dtype, expected, force_exact):
+    """json_tensor_test.cc FloatTensorWithPrecisionLoss / FloatTensorThatExceedsMaxReturnsInf:
+    TF Serving dropped IsLosslessDecimal, DT_FLOAT is GetFloat() of the parsed double.
+    (Before: "Cannot convert JSON value: ... without loss of precision.")"""
+    extra = FORCE_EXACT if force_exact else ""
+    _, inputs, _ = parse(f'{{"instances": [{literal}]{extra}}}', {"x": (dtype, None)})
+    assert inputs["x"].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(inputs["x"], np.array([expected], dtype=dtype))
+
+
+@pytest.mark.parametrize(
+    ("body", "offset"),
+    [
+        ('{"instances": [1e999]}', 15),
+        ('{"instances": [-1e309]}', 15),
+        ('{"instances": [0e400]}', 15),  # rapidjson bounds the exponent, not the value
+        ("1" * 5000, 0),  # was ValueError from Python's int-digit limit (HTTP 500)
+        ('{"instances": [' + "9" * 400 + "]}", 15),
+        ('{"instances": [' + "9" * 400 + ".5]}", 15),
+        ('{"a": "1e999", "instances": [1e999]}', 29),  # the number, not the string
+    ],
+    ids=["1e999", "-1e309", "0e400", "5000-digit-root", "400-digit-int", "400-digit-float", "str"],
+)
+def test_numbers_beyond_double_are_rapidjsons_number_too_big(body, offset):
+    """rapidjson (reader.h ParseNumber, TF Serving's parser): kParseErrorNumberTooBig at the
+    number's start offset."""
+    assert error_message(body, IMAGES) == (
+        f"JSON Parse error: Number too big to be stored in double. at offset: {offset}"
+    )
+
+
+def test_huge_but_parseable_integer_literals_are_doubles():
+    """rapidjson keeps integers beyond (u)int64 as doubles: fine for float, a type error for
+    int64 (TF Serving's AddValueToTensor IsInt64 check)."""
+    literal = "1" * 309  # 1.1e308: still a double
+    _, inputs, _ = parse(f'{{"instances": [{literal}]}}', {"x": (np.float64, None)})
+    assert inputs["x"].tolist() == [float(literal)]
+    message = error_message('{"instances": [-9223372036854775809]}', {"x": (np.int64, None)})
+    assert "Type: Number is not of expected type: int64" in message
+
+
+def test_nan_and_infinity_tokens_are_numbers():
+    """json_tensor.cc parses with kParseNanAndInfFlag."""
+    _, inputs, _ = parse('{"instances": [NaN, Infinity, -Infinity]}', IMAGES)
+    values = inputs["images"]
+    assert np.isnan(values[0]) and values[1] == np.inf and values[2] == -np.inf
+
+
+def test_whatever_follows_the_root_value_is_ignored():
+    """json_tensor.cc parses with kParseStopWhenDoneFlag: no "root must not be followed"."""
+    _, inputs, _ = parse('{"instances": [1]} trailing garbage {', IMAGES)
+    assert inputs["images"].tolist() == [1.0]
+
+
+def test_a_utf8_bom_is_skipped():
+    """rapidjson's EncodedInputStream<UTF8> skips a leading BOM."""
+    _, inputs, _ = parse('\ufeff{"instances": [2]}'.encode(), IMAGES)
+    assert inputs["images"].tolist() == [2.0]
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\ud800x", "\\ud800\\u0041", "\\udbff\\n"], ids=str)
+def test_unpaired_high_surrogates_are_rapidjsons_surrogate_error(escape):
+    """rapidjson 1.1.0 ParseStringToStream: a high surrogate escape not followed by a low one
+    is kParseErrorStringUnicodeSurrogateInvalid at the escape. (Before: UnicodeEncodeError, a
+    500.)"""
+    body = '{"instances": ["ok", "' + escape + '"]}'
+    assert error_message(body, IMAGE_BYTES) == (
+        "JSON Parse error: The surrogate pair in string is invalid. at offset: 22"
+    )
+
+
+def test_surrogate_pairs_and_lone_low_surrogates_are_kept_as_rapidjson_does():
+    """A pair is one code point; rapidjson 1.1.0 does not check a lone low surrogate and
+    encodes it as three UTF-8 bytes. An escaped backslash before "ud800" is no escape."""
+    body = '{"instances": ["\\ud83d\\ude00", "\\udc00", "\\\\ud800"]}'
+    _, inputs, _ = parse(body, IMAGE_BYTES)
+    assert inputs["image_bytes"].tolist() == [
+        "\U0001f600".encode(),
+        b"\xed\xb0\x80",
+        b"\\ud800",
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"instances": ' + "[" * 5000 + "]" * 5000 + "}",
+        "[" * 100000,
+        '{"instances": [' + '{"a": ' * 3000 + "1" + "}" * 3000 + "]}",
+    ],
+    ids=["arrays", "unclosed", "objects"],
+)
+def test_nesting_depth_is_bounded_before_parsing(body):
+    """rapidjson parses iteratively (kParseIterativeFlag); Python's decoder recurses, so depth
+    is bounded first, with a 400 naming the limit."""
+    message = error_message(body, IMAGES)
+    assert message.startswith(
+        f"JSON Parse error: The document nests arrays and objects deeper than "
+        f"{MAX_JSON_DEPTH} levels. at offset: "
+    )
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    body = json.dumps({"instances": ["[" * 2000, '\\"[[[' * 300]})
+    _, inputs, _ = parse(body, IMAGE_BYTES)
+    assert inputs["image_bytes"][0] == b"[" * 2000
+
+
+def test_values_in_messages_are_written_as_tf_servings_debug_string():
+    """json_tensor.cc JsonValueToDebugString: PrettyWriter with single-line arrays, stopping
+    once 256 bytes are written (so a huge value is not echoed whole)."""
+    message = error_message({"big": list(range(100000)), "instances": []}, INT)
+    assert message.startswith('JSON Value: {\n    "big": [0, 1, 2, ')
+    assert message.endswith(" No values in 'instances' array")
+    assert len(message) < 256 + 60  # the prefix, ~256 bytes of value, the suffix
+    rows = [{"x": list(range(1000))}]
+    message = error_message({"instances": rows}, {"x": (np.int32, None), "z": (object, None)})
+    value = message.split("JSON object: ", 1)[1].split(" keys must be equal to")[0]
+    assert value.startswith('{\n    "x": [0, 1, 2, 3, ')
+    assert 256 <= len(value) < 270  # whole tokens, stopping past 256 bytes
+    assert message.endswith(" keys must be equal to: x,z")
+
+
 SEVERAL = {"int_tensor": (np.int32, None), "str_tensor": (object, None)}
 
 
@@ -410,7 +539,7 @@ SEVERAL = {"int_tensor": (np.int32, None), "str_tensor": (object, None)}
         (
             [{"int_tensor": 1}],
             "Failed to process element: 0 of 'instances' list. JSON object: {\n"
-            '    "int_tensor": 1\n} must only have keys: int_tensor,str_tensor',
+            '    "int_tensor": 1\n} keys must be equal to: int_tensor,str_tensor',
         ),
         (
             [
