@@ -99,11 +99,19 @@ class Server(ServerProcess):
         raise AssertionError(f"{name} never became AVAILABLE:\n{self.log()}")
 
 
-@pytest.fixture(params=["embedded", "tfserving"])
-def backend(request) -> str:
-    if request.param == "tfserving" and not os.environ.get(BINARY_ENV):
+BACKENDS = ["embedded", "tfserving"]
+
+
+def available_backend(name: str) -> str:
+    """`name`, or a skip when it is the real TF Serving and none is installed."""
+    if name == "tfserving" and not os.environ.get(BINARY_ENV):
         pytest.skip(f"real TF Serving not available: set {BINARY_ENV} to a tensorflow_model_server")
-    return request.param
+    return name
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return available_backend(request.param)
 
 
 @pytest.fixture
@@ -163,3 +171,24 @@ def upstream_models(tmp_path_factory) -> Path:
     copy = tmp_path_factory.mktemp("tfserving-testdata") / "testdata"
     shutil.copytree(upstream_testdata(), copy)
     return copy
+
+
+def model_config(entries: dict[str, tuple[Path, str]]) -> str:
+    blocks = [
+        f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" {extra} }}'
+        for name, (path, extra) in entries.items()
+    ]
+    return "model_config_list {\n  " + "\n  ".join(blocks) + "\n}\n"
+
+
+def launch(tmp_path: Path, backend: str, flags: list[str], name: str) -> Server:
+    program = [os.environ[BINARY_ENV]] if backend == "tfserving" else None
+    server = Server.launch(flags, tmp_path / f"{name}.log", program=program)
+    server.backend = backend
+    return server
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def upstream_backend(request) -> str:
+    """The backend of a module's shared server (one server per module and backend)."""
+    return available_backend(request.param)

@@ -29,9 +29,8 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from convstack.serving.launcher import BINARY_ENV
 from tests.serving.conformance import upstream_exports
-from tests.serving.conformance.conftest import Server
+from tests.serving.conformance.conftest import Server, launch, model_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,28 +44,6 @@ MODELS = {
     "tf2": ("saved_model_half_plus_two_tf2_cpu", ""),
     "half_plus_three": ("saved_model_half_plus_three", ""),
 }
-
-
-def model_config(entries: dict[str, tuple[Path, str]]) -> str:
-    blocks = [
-        f'config {{ name: "{name}" base_path: "{path}" model_platform: "tensorflow" {extra} }}'
-        for name, (path, extra) in entries.items()
-    ]
-    return "model_config_list {\n  " + "\n  ".join(blocks) + "\n}\n"
-
-
-def launch(tmp_path: Path, backend: str, flags: list[str], name: str) -> Server:
-    program = [os.environ[BINARY_ENV]] if backend == "tfserving" else None
-    server = Server.launch(flags, tmp_path / f"{name}.log", program=program)
-    server.backend = backend
-    return server
-
-
-@pytest.fixture(scope="module", params=["embedded", "tfserving"])
-def upstream_backend(request) -> str:
-    if request.param == "tfserving" and not os.environ.get(BINARY_ENV):
-        pytest.skip(f"real TF Serving not available: set {BINARY_ENV} to a tensorflow_model_server")
-    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -466,3 +443,45 @@ def test_distrat_sequential_keras_saved_model_save(tensorflow_exports):
         assert "keras_distributed version 123: 2 variable(s) neither restored" in (
             tensorflow_exports.log()
         )
+
+
+def test_mnist_client_reads(tensorflow_exports):
+    """TF Serving's example/mnist_client.py, its requests and reads: a flat image through
+    tf.make_tensor_proto(image, shape=[1, 784]) to `predict_images` on model `mnist`, sent with
+    Predict.future, then numpy.argmax over the response's outputs['scores'].float_val."""
+    import numpy as np
+    import tensorflow as tf
+
+    stub = prediction(tensorflow_exports.target)
+    for label in (3, 0, 9):
+        image = np.zeros(784, np.float32)
+        image[label] = 1.0
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "mnist"
+        request.model_spec.signature_name = "predict_images"
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(image, shape=[1, image.size]))
+        response = stub.Predict.future(request, 5.0).result()
+        scores = np.array(response.outputs["scores"].float_val)
+        assert scores.shape == (10,)
+        assert int(np.argmax(scores)) == label
+
+
+def test_resnet_client_grpc_reads(tensorflow_exports):
+    """TF Serving's example/resnet_client_grpc.py: an image as float32 [1, h, w, 3] in [0, 1]
+    through tf.make_tensor_proto(data) to `serving_default` of model `resnet`, then
+    np.argmax over outputs['activation_49'].float_val."""
+    import numpy as np
+    import tensorflow as tf
+
+    stub = prediction(tensorflow_exports.target)
+    for channel, label in enumerate(upstream_exports.RESNET_CHANNEL_CLASSES):
+        data = np.zeros((32, 32, 3), np.uint8)
+        data[..., channel] = 255
+        data = np.expand_dims(np.array(data) / 255.0, 0).astype(np.float32)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "resnet"
+        request.model_spec.signature_name = "serving_default"
+        request.inputs["input_1"].CopyFrom(tf.make_tensor_proto(data))
+        result = stub.Predict(request, 10.0).outputs["activation_49"].float_val
+        assert len(result) == 1000
+        assert int(np.argmax(result)) == label
