@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from convstack.common.flags import boolean, whole_number
+from convstack.common.flags import boolean, positive_number, whole_number
 from convstack.common.logs import configure_logging
 from convstack.serving import launcher
 from convstack.serving.kernels import use_plain_cpu_kernels
@@ -127,6 +127,21 @@ def build_serve_parser() -> argparse.ArgumentParser:
         type=int,
         default=30_000,
         help="deadline of a REST request (default 30000)",
+    )
+    parser.flag(
+        "rest_api_body_timeout_seconds",
+        type=positive_number,
+        default=60.0,
+        metavar="SECONDS",
+        help="a REST request body must arrive within this; slower ones get 408 and are closed "
+        "(default 60)",
+    )
+    parser.flag(
+        "rest_api_idle_timeout_seconds",
+        type=positive_number,
+        default=75.0,
+        metavar="SECONDS",
+        help="a REST connection with no complete request head for this long is closed (default 75)",
     )
     parser.flag(
         "ssl_config_file",
@@ -355,6 +370,8 @@ def server_options(args):
         request_threads=args.request_threads,
         tensorflow_threads=tensorflow_threads_from_args(args),
         rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000,
+        rest_body_timeout_seconds=args.rest_api_body_timeout_seconds,
+        rest_idle_timeout_seconds=args.rest_api_idle_timeout_seconds,
         shutdown_grace_seconds=args.shutdown_grace_seconds,
         tls=tls_from_args(args),
     )

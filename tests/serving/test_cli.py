@@ -124,6 +124,66 @@ def test_flags_accept_tf_serving_spellings_with_dashes_or_underscores():
     )
 
 
+def test_upstream_test_command_line_parses():
+    """The flags TF Serving's own test base (tensorflow_model_server_test_base.py RunServer)
+    passes to the real server, spelled as it spells them, all parse."""
+    args = build_serve_parser().parse_args(
+        [
+            "--port=1",
+            "--rest_api_port=2",
+            "--rest_api_timeout_in_ms=5000",
+            "--grpc_socket_path=/tmp/tf-serving.sock",
+            "--model_name=default",
+            "--model_base_path=/models/half_plus_two",
+            "--enable_batching",
+            "--grpc_channel_arguments=grpc.max_connection_age_ms=2000,grpc.lb_policy_name=grpclb",
+            "--enable_signature_method_name_check=true",
+        ]
+    )
+    assert args.grpc_socket_path == "/tmp/tf-serving.sock"
+    assert args.grpc_channel_arguments == [
+        ("grpc.max_connection_age_ms", 2000),
+        ("grpc.lb_policy_name", "grpclb"),
+    ]
+    assert (args.enable_batching, args.enable_signature_method_name_check) == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], False), (["--enable_batching"], True), (["--enable_batching=true"], True),
+     (["--enable_batching=false"], False), (["--enable-batching=0"], False)],
+)  # fmt: skip
+def test_boolean_flags_take_absl_spellings(argv, expected):
+    assert build_serve_parser().parse_args(argv).enable_batching is expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--grpc_channel_arguments=grpc.max_connection_age_ms", "not key=value"),
+        ("--enable_batching=maybe", "not true or false: 'maybe'"),
+        ("--max_request_tensor_bytes=0", "must be at least 1, got 0"),
+        ("--rest_api_body_timeout_seconds=0", "must be positive"),
+    ],
+)
+def test_bad_flag_values_are_one_line_usage_errors(flag, message, capsys):
+    with pytest.raises(SystemExit) as caught:
+        build_serve_parser().parse_args([flag])
+    assert caught.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_channel_arguments_keep_out_of_range_numbers_as_strings():
+    from convstack.serving.cli import grpc_channel_arguments
+
+    assert grpc_channel_arguments("a=1,b=x,c=99999999999,,d=") == [
+        ("a", 1),
+        ("b", "x"),
+        ("c", "99999999999"),
+        ("d", ""),
+    ]
+
+
 def serve(*args: str, timeout: float = 120):
     return subprocess.run(
         [*EMBEDDED_SERVE, *args],
