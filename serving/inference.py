@@ -57,6 +57,10 @@ class ModelRef:
     label: str | None = None
 
 
+# The API label of the request metrics, spelled as TF Serving spells it (prediction_service_impl).
+PREDICT_API, CLASSIFY_API, REGRESS_API = "Predict", "Classify", "Regress"
+MULTI_INFERENCE_API = "MultiInference"
+
 # Requests for models the server does not serve are counted under this one label, so that
 # made-up names cannot grow the metric series without bound.
 UNKNOWN_MODEL_LABEL = "<unknown>"
@@ -156,7 +160,7 @@ class InferenceService:
         `inputs` are arrays, or raw values that `decode` turns into arrays once the model,
         version and signature are resolved."""
         work = self._predict(ref, signature_name, inputs, output_filter, deadline, decode)
-        return await self._request(ref, "predict", entrypoint, work)
+        return await self._request(ref, PREDICT_API, entrypoint, work)
 
     async def _predict(self, ref, signature_name, inputs, output_filter, deadline, decode):
         with self.manager.acquire(ref.name, ref.version, ref.label) as servable:
@@ -181,7 +185,7 @@ class InferenceService:
                 outputs = await self._run(
                     deadline, servable.run, signature.key, inputs, output_filter
                 )
-            self.metrics.record_runtime(ref.name, "predict", time.perf_counter() - run_started)
+            self.metrics.record_runtime(ref.name, PREDICT_API, time.perf_counter() - run_started)
             return PredictResult(outputs, ref.name, servable.version, signature.key)
 
     # --- Classify, Regress, MultiInference ----------------------------------------------------
@@ -190,13 +194,13 @@ class InferenceService:
                        entrypoint="GRPC") -> TaskResult:  # fmt: skip
         """Classify tf.Examples (ClassificationRequest.input) with a classify signature."""
         work = self._task(tasks.CLASSIFY, ref, signature_name, request_input, deadline)
-        return await self._request(ref, "classify", entrypoint, work)
+        return await self._request(ref, CLASSIFY_API, entrypoint, work)
 
     async def regress(self, ref, signature_name, request_input, *, deadline=None,
                       entrypoint="GRPC") -> TaskResult:  # fmt: skip
         """Regress tf.Examples (RegressionRequest.input) with a regress signature."""
         work = self._task(tasks.REGRESS, ref, signature_name, request_input, deadline)
-        return await self._request(ref, "regress", entrypoint, work)
+        return await self._request(ref, REGRESS_API, entrypoint, work)
 
     async def _task(self, kind, ref, signature_name, request_input, deadline) -> TaskResult:
         with self.manager.acquire(ref.name, ref.version, ref.label) as servable:
@@ -218,7 +222,7 @@ class InferenceService:
         `task_specs` are (model name, signature name, method name); `ref` is the first task's
         model, the version that serves them all."""
         work = self._multi_inference(ref, task_specs, request_input, deadline)
-        return await self._request(ref, "multi_inference", entrypoint, work)
+        return await self._request(ref, MULTI_INFERENCE_API, entrypoint, work)
 
     async def _multi_inference(self, ref, task_specs, request_input, deadline):
         with self.manager.acquire(ref.name, ref.version, ref.label) as servable:

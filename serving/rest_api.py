@@ -20,7 +20,13 @@ from aiohttp import web
 
 from convstack.serving import rest_examples, rest_json
 from convstack.serving.errors import InvalidArgument, ServingError
-from convstack.serving.inference import InferenceService, ModelRef
+from convstack.serving.inference import (
+    CLASSIFY_API,
+    PREDICT_API,
+    REGRESS_API,
+    InferenceService,
+    ModelRef,
+)
 from convstack.serving.metrics import MonitoringConfig, ServingMetrics
 
 log = logging.getLogger(__name__)
@@ -209,7 +215,7 @@ class RestApi:
             signature_name, inputs, fmt = self._decode(body, ref)
         except ServingError as error:  # counted like TF Serving counts every request's status
             elapsed = time.perf_counter() - started
-            self._metrics.record_request(ref.name, "predict", "REST", error.code, elapsed)
+            self._service.record_request(ref.name, PREDICT_API, "REST", error.code, elapsed)
             raise
         result = await self._service.predict(
             ref,
@@ -228,7 +234,8 @@ class RestApi:
             signature_name, model_input = rest_examples.parse_examples_body(body)
         except ServingError as error:
             elapsed = time.perf_counter() - started
-            self._metrics.record_request(ref.name, verb, "REST", error.code, elapsed)
+            api = CLASSIFY_API if verb == "classify" else REGRESS_API
+            self._service.record_request(ref.name, api, "REST", error.code, elapsed)
             raise
         if verb == "classify":
             run, write = self._service.classify, rest_examples.format_classification_result

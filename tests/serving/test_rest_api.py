@@ -36,6 +36,11 @@ class FakeService:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.recorded: list[tuple] = []
+
+    def record_request(self, name, api, entrypoint, status, seconds) -> None:
+        """What RestApi counts itself (requests refused before they reach the service)."""
+        self.recorded.append((name, api, entrypoint, status))
 
     def _check(self, ref: ModelRef) -> None:
         if ref.name != MODEL:
@@ -103,10 +108,15 @@ class LoopbackServer:
         return parse_reply(reply)
 
 
-def read_all(conn: socket.socket) -> bytes:
-    chunks = []
-    while chunk := conn.recv(65536):
-        chunks.append(chunk)
+def read_all(conn: socket.socket, chunks: list[bytes] | None = None) -> bytes:
+    """Everything the server sends until it closes; a reset ends the read too (the server may
+    close while the client still sends). `chunks` shows what arrived so far to other threads."""
+    chunks = [] if chunks is None else chunks
+    try:
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
     return b"".join(chunks)
 
 
@@ -201,6 +211,9 @@ def test_unknown_model_is_404_once_the_body_parses(server, verb):
     assert status == 404 and reply["error"] == "Servable not found for request: Latest(nope)"
     status, reply = running.request("POST", f"/v1/models/nope:{verb}", '{"examples": []}')
     assert status == 400 and reply["error"].endswith("'examples' value is an empty array")
+    # Counted through the service, which bounds the model-name labels, with TF Serving's API name.
+    api = {"classify": "Classify", "regress": "Regress"}[verb]
+    assert running.service.recorded == [("nope", api, "REST", "INVALID_ARGUMENT")]
 
 
 def test_giant_model_names_are_cut_in_echoed_errors(server):
@@ -250,9 +263,13 @@ def test_a_chunked_body_over_the_limit_is_413(server):
     assert status == 413 and "too large" in body["error"]
 
 
-def drip(conn: socket.socket, data: bytes) -> int:
-    """Send one byte per 0.05 s until the server closes; how many bytes went out."""
+def drip(conn: socket.socket, data: bytes, answered: list[bytes] | None = None) -> int:
+    """Send one byte per 0.05 s until the server closes or starts answering (`answered` gets
+    chunks); how many bytes went out. Stopping at the answer keeps the unread rest of the body
+    from making the server's close a reset that could destroy the answer in flight."""
     for sent, byte in enumerate(data):
+        if answered:
+            return sent
         try:
             conn.sendall(bytes([byte]))
         except (BrokenPipeError, ConnectionResetError):
@@ -287,10 +304,12 @@ def test_a_dripped_body_is_answered_408_and_closed(server):
     ).encode()
     with running.connect() as conn:
         conn.sendall(head)
-        received = {}
-        reader = threading.Thread(target=lambda: received.setdefault("data", read_all(conn)))
+        received, chunks = {}, []
+        reader = threading.Thread(
+            target=lambda: received.setdefault("data", read_all(conn, chunks))
+        )
         reader.start()
-        sent = drip(conn, body)
+        sent = drip(conn, body, chunks)
         reader.join(30)
     status, reply = parse_reply(received["data"])
     assert status == 408

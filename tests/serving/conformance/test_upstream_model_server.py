@@ -485,3 +485,21 @@ def test_resnet_client_grpc_reads(tensorflow_exports):
         result = stub.Predict(request, 10.0).outputs["activation_49"].float_val
         assert len(result) == 1000
         assert int(np.argmax(result)) == label
+
+
+def test_metrics_carry_tf_serving_names_and_bounded_labels(server):
+    """The request metrics as TF Serving names them (util.cc: request_count{model_name,status},
+    request_latency{model_name,API,entrypoint} with API "Predict"); a request for a model the
+    server does not serve adds no series of its own (hardening: names are unbounded)."""
+    verify_predict(server.target, 3.0)
+    made_up = predict_pb2.PredictRequest()
+    made_up.model_spec.name = "made-up-model-name"
+    with pytest.raises(grpc.RpcError):
+        prediction(server.target).Predict(made_up, RPC_TIMEOUT)
+    status, text = server.rest("GET", "/monitoring/prometheus/metrics")
+    assert status == 200
+    assert ':tensorflow:serving:request_count{model_name="default",status="OK"}' in text
+    assert 'API="Predict",entrypoint="GRPC",model_name="default"' in text
+    if server.backend == "embedded":
+        assert "made-up-model-name" not in text
+        assert 'model_name="<unknown>",status="NOT_FOUND"' in text
