@@ -74,6 +74,77 @@ def grpc_errors(method):
     return wrapper
 
 
+class Unparseable:
+    """What a request the server cannot parse deserializes to, so that its method answers
+    INTERNAL as gRPC C++ does (grpcpp's GenericDeserialize) instead of grpc python's UNKNOWN."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or a message nested beyond the parser's limit
+            return Unparseable(bounded_message(str(exc) or type(exc).__name__))
+
+    return parse
+
+
+def _refusing_unparseable(behaviour):
+    async def unary_unary(request, context):
+        if isinstance(request, Unparseable):
+            await context.abort(grpc.StatusCode.INTERNAL, request.message)
+        return await behaviour(request, context)
+
+    return unary_unary
+
+
+def _refusing_handler(handler):
+    """`handler` with unparseable requests answered INTERNAL (unary-unary methods only:
+    the streaming one, health Watch, keeps grpc's own behaviour)."""
+    if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+        return handler
+    return handler._replace(
+        request_deserializer=_tolerant(handler.request_deserializer),
+        unary_unary=_refusing_unparseable(handler.unary_unary),
+    )
+
+
+class _ParseFailuresAsInternal(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}  # only methods the inner serves
+
+    def service(self, handler_call_details):
+        handler = self._handlers.get(handler_call_details.method)
+        if handler is None:
+            handler = _refusing_handler(self._inner.service(handler_call_details))
+            if handler is not None:
+                self._handlers[handler_call_details.method] = handler
+        return handler
+
+
+class ParseFailuresAsInternal:
+    """Stands in for a grpc.aio.Server while a generated `add_*Servicer_to_server` registers
+    its handlers, e.g. `add_PredictionServiceServicer_to_server(servicer,
+    ParseFailuresAsInternal(server))`: those methods then answer INTERNAL to bytes that do not
+    parse as their request message."""
+
+    def __init__(self, server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(map(_ParseFailuresAsInternal, handlers)))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        wrapped = {name: _refusing_handler(handler) for name, handler in handlers.items()}
+        self._server.add_registered_method_handlers(service, wrapped)
+
+
 def _deadline(context) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining

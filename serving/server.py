@@ -23,6 +23,7 @@ from convstack.serving.errors import FailedPrecondition
 from convstack.serving.grpc_api import (
     DEFAULT_MAX_REQUEST_TENSOR_BYTES,
     ModelServicer,
+    ParseFailuresAsInternal,
     PredictionServicer,
 )
 from convstack.serving.inference import InferenceService
@@ -191,11 +192,13 @@ class EmbeddedServer:
             max_request_tensor_bytes=self.options.max_request_tensor_bytes,
             tensor_content_responses=self.options.response_tensor_content,
         )
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, self._grpc)
+        # Bytes that do not parse answer INTERNAL, as TF Serving's C++ server does.
+        registrar = ParseFailuresAsInternal(self._grpc)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(predictions, registrar)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.service), self._grpc
+            ModelServicer(self.service), registrar
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
         address = f"{self.options.host}:{self.options.port}"
         self._listen(address)
         if self.options.grpc_socket_path:
