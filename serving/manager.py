@@ -184,7 +184,7 @@ class ModelManager:
         try:
             names = self.model_names()
             self._wait_settled(names, timeout)
-            self._raise_if_unavailable(names, "Some models did not become available")
+            self._raise_if_unavailable(names, "servable(s) did not become available")
         except ServingError:
             self.stop()
             raise
@@ -438,7 +438,7 @@ class ModelManager:
             names = self.model_names()
             self._wait_settled(names, timeout)
             added = [name for name in names if name not in previous]
-            self._raise_if_unavailable(added, f"{len(added)} new model(s) did not become available")
+            self._raise_if_unavailable(added, "servable(s) of new models did not become available")
 
     def _apply_config(self, config: ModelServerConfig, labels: dict[str, dict[str, int]]) -> None:
         names = set()
@@ -525,7 +525,8 @@ class ModelManager:
                     if r.version in model.aspired
                 )
         if failures:
-            raise error_for_code("UNKNOWN", f"{summary}: {{{'; '.join(failures)}}}")
+            # TF Serving's wording: "<n> servable(s) did not become available: {...}".
+            raise error_for_code("UNKNOWN", f"{len(failures)} {summary}: {{{'; '.join(failures)}}}")
 
     # ------------------------------------------------------------------------------ requests
 

@@ -183,7 +183,7 @@ def test_start_fails_when_a_model_cannot_load(tmp_path, make_manager):
         manager.start()
 
     assert caught.value.code == "UNKNOWN"
-    assert caught.value.message.startswith("Some models did not become available")
+    assert caught.value.message.startswith("1 servable(s) did not become available: {")
     assert "tiny version 1: DATA_LOSS: Can't parse" in caught.value.message
     assert states(manager) == {1: "END"}
 
