@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -48,7 +49,14 @@ class RunCheckpoints:
         """Restore the chief's newest checkpoint, if any; return its global step (else 0)."""
         latest = tf.train.latest_checkpoint(str(self.directory))
         if latest:
-            self._checkpoint.restore(latest).assert_existing_objects_matched()
+            try:
+                self._checkpoint.restore(latest).assert_existing_objects_matched()
+            except (ValueError, AssertionError, tf.errors.OpError) as exc:
+                # A checkpoint of another model shape is bad input, not a failure to retry.
+                raise ConfigError(
+                    f"{latest}: checkpoint does not fit the model ({_first_line(exc)}); "
+                    "resume with the settings it was written with, or use a new --run-dir"
+                ) from exc
             log.info("resumed from %s (step %d)", latest, int(self._step.numpy()))
         return int(self._step.numpy())
 
@@ -60,19 +68,66 @@ class RunCheckpoints:
             shutil.rmtree(self._scratch, ignore_errors=True)
 
 
-def check_run_identity(path: Path, identity: dict, is_chief: bool) -> None:
-    """A run directory resumes only the run it was made for: same data, batch, model, seed.
+def check_run_identity(path: Path, identity: dict) -> None:
+    """A run directory resumes only the run it was made for: same data, batch, model, seed,
+    optimizer. A resume that changes any of them is refused (ConfigError, exit 2) naming the
+    settings; --epochs may grow (training longer resumes and continues)."""
+    if not path.exists():
+        return
+    recorded = _flat(json.loads(path.read_text()))
+    wanted = _flat(identity)
+    differing = [k for k in wanted if k in recorded and recorded[k] != wanted[k]]
+    if differing:
+        details = ", ".join(
+            f"{_flag(k)} {wanted[k]!r} (the run has {recorded[k]!r})" for k in differing
+        )
+        raise ConfigError(
+            f"{path.parent}: cannot resume with {details}: these settings are fixed for a run; "
+            "use a new --run-dir"
+        )
 
-    Epochs may grow (training longer resumes and continues).
+
+def check_learning_rate(optimizer, wanted: float, step: int) -> None:
+    """Refuse (exit 2) a resume whose --learning-rate differs from the restored optimizer's.
+
+    The rate is fixed for a run rather than applied on resume: a run with one rate and one
+    record of it stays reproducible, and its model card cannot claim a rate that trained only
+    part of it. The restored optimizer is the truth, so this holds for run directories
+    without run.json too.
     """
-    if path.exists():
-        recorded = json.loads(path.read_text())
-        differing = sorted(k for k in identity if recorded.get(k) != identity[k])
-        if differing:
-            details = ", ".join(f"{k}: {recorded.get(k)!r} != {identity[k]!r}" for k in differing)
-            raise ConfigError(
-                f"{path.parent}: run directory belongs to a different run ({details}); "
-                "use a new --run-dir"
-            )
-    elif is_chief:
+    if step == 0:
+        return
+    restored = float(optimizer.learning_rate.numpy())
+    if not math.isclose(restored, wanted, rel_tol=1e-6):
+        raise ConfigError(
+            f"cannot resume with --learning-rate {wanted!r}: the run's checkpoint at step {step} "
+            f"was trained with {restored:.6g}; the learning rate is fixed for a run, "
+            "use a new --run-dir"
+        )
+
+
+def record_run_identity(path: Path, identity: dict) -> None:
+    """Write run.json the first time a run directory is used (after its checkpoint, if any,
+    was found to fit: a refused resume must not record the refused settings)."""
+    if not path.exists():
         write_json_atomic(path, identity)
+
+
+def _flat(identity: dict) -> dict:
+    """{"model": {"filters": 8}} -> {"filters": 8}: the names the flags have."""
+    flat = {}
+    for key, value in identity.items():
+        flat.update(value if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _flag(key: str) -> str:
+    if key == "data_fingerprint":
+        return "--data (fingerprint)"
+    return "--" + key.replace("_", "-")
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."

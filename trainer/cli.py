@@ -8,16 +8,21 @@ import sys
 
 from convstack.common.configs import ConfigValueError, add_config_flags, build_config
 from convstack.common.logs import configure_logging as shared_logging_setup
+from convstack.trainer import crash_points, preemption
 from convstack.trainer.config import TrainConfig
 from convstack.trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
 
 EPILOG = f"""\
 exit status: {EXIT_OK} success; {EXIT_BAD_INPUT} bad input or configuration; {EXIT_PREEMPTED}
-preempted (SIGTERM): a checkpoint was written, rerun with the same --run-dir to resume;
-1 any other failure.
+preempted (SIGTERM, in any phase): the run stopped at its next safe point (in training, after a
+checkpoint; in export, after removing the staged version), rerun with the same --run-dir to
+resume; 1 any other failure.
 
 TF_CONFIG naming several workers selects MultiWorkerMirroredStrategy; the chief (or worker 0)
 writes checkpoints and the export."""
+
+
+START_UP_STOP = "nothing was written; rerun with the same --run-dir"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,15 @@ def configure_logging() -> None:
 
 
 def train_main(argv: list[str]) -> int:
+    """`convstack train ARGV`; returns the exit status (see EPILOG)."""
+    # First of all, so that a SIGTERM in any phase, even while TensorFlow is imported, ends in
+    # a clean stop and exit 75 rather than death by signal (143).
+    with preemption.handling():
+        crash_points.reached("started")
+        return _train_main(argv)
+
+
+def _train_main(argv: list[str]) -> int:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     try:
@@ -52,9 +66,10 @@ def train_main(argv: list[str]) -> int:
         print(f"convstack train: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     configure_logging()
-    from convstack.trainer.run import train  # imports TensorFlow: only once the config is valid
-
     try:
+        preemption.stop_if_requested("start-up", START_UP_STOP)
+        from convstack.trainer.run import train  # imports TensorFlow: once the config is valid
+
         result = train(config)
     except TrainerError as exc:
         print(f"convstack train: error: {exc}", file=sys.stderr)

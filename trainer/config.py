@@ -44,7 +44,11 @@ class TrainConfig(ModelConfig):
     optimizer: Literal["adam", "sgd"] = Field(
         "adam", description="adam, or sgd with Nesterov momentum 0.9"
     )
-    learning_rate: float = Field(1e-3, gt=0.0, description="optimizer learning rate")
+    learning_rate: float = Field(
+        1e-3,
+        gt=0.0,
+        description="optimizer learning rate (fixed for a run: a resume with another is refused)",
+    )
     seed: int = Field(42, description="seed for splits, shuffling and initial weights")
     validation_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="share held out for validation (digits, npz, images)"

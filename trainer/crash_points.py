@@ -1,9 +1,11 @@
-"""Named crash points of the export sequence, for its fault-injection test
-(tests/trainer/test_export_crashes.py).
+"""Named crash points of a training run, for its fault-injection tests
+(tests/trainer/test_export_crashes.py, tests/trainer/test_faults.py).
 
 With `CONVSTACK_CRASH_AT=<point>` in the environment, the process SIGKILLs itself when it
 reaches that point, as an OOM kill or a lost node would stop it: no `finally`, no atexit, no
-flushed buffers. Unset (always, outside that test), `reached` is one environment lookup.
+flushed buffers. With `CONVSTACK_CRASH_AT=<point>:SIGTERM` it sends itself SIGTERM there
+instead, as a preempting kubelet would, and goes on (the handler notes it; the phase stops at
+its next safe point). Unset (always, outside those tests), `reached` is one environment lookup.
 """
 
 from __future__ import annotations
@@ -12,6 +14,17 @@ import os
 import signal
 
 ENV = "CONVSTACK_CRASH_AT"
+# The phases of a run, in order (trainer/cli.py, trainer/run.py).
+PHASE_POINTS = (
+    "started",  # the SIGTERM handler is installed; TensorFlow not yet imported
+    "strategy-created",  # TensorFlow is up and the strategy chosen
+    "data-loaded",  # the dataset is loaded; no model yet
+    "restored",  # the model is built and the latest checkpoint restored
+    # "step-N": after the step chunk that ends at global step N (trainer/run.py)
+    "epoch-recorded",  # an epoch's record is in history.json; its checkpoint not yet written
+    "trained",  # the last checkpoint is written; test evaluation comes next
+    "evaluated",  # test evaluation done; the export comes next
+)
 # In the order a chief's export passes them (trainer/run.py, then trainer/export.py).
 EXPORT_POINTS = (
     "intent-recorded",  # run_dir/export.json names this export's id; nothing staged yet
@@ -21,9 +34,20 @@ EXPORT_POINTS = (
     "renamed",  # the version is in place; its directory entry not yet fsynced
     "exported",  # export_version returned; run_dir/export.json not yet marked published
 )
+_SIGNALS = {"SIGTERM": signal.SIGTERM}
 
 
 def reached(point: str) -> None:
-    """SIGKILL this process if the environment asks to crash at `point`."""
-    if os.environ.get(ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process (or send it the signal named after a colon) if the environment
+    asks for it at `point`."""
+    wanted = os.environ.get(ENV)
+    if wanted is None:
+        return
+    name, _, signal_name = wanted.partition(":")
+    if name == point:
+        os.kill(os.getpid(), _SIGNALS.get(signal_name, signal.SIGKILL))
+
+
+def step_point(step: int) -> str:
+    """The crash point after the step chunk ending at global step `step`."""
+    return f"step-{step}"

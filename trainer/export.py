@@ -31,8 +31,16 @@ import numpy as np
 import tensorflow as tf
 
 from convstack.common.files import fsync_path, fsync_tree, write_json_atomic
-from convstack.trainer import crash_points, model_card, signatures, staging, tflite_export, warmup
-from convstack.trainer.errors import ExportError, VersionExistsError
+from convstack.trainer import (
+    crash_points,
+    model_card,
+    preemption,
+    signatures,
+    staging,
+    tflite_export,
+    warmup,
+)
+from convstack.trainer.errors import ExportError, Preempted, VersionExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -427,6 +435,11 @@ def _stage_and_publish(job: _Job) -> ExportResult:
             card_fields=job.card_fields,
             tflite=job.tflite,
         )
+        # The last safe point before publishing: a SIGTERM while writing stops here, and the
+        # finally below removes the staged version (a rerun exports it again).
+        preemption.stop_if_requested(
+            "export", "the staged version was removed; rerun with the same --run-dir to export"
+        )
         if not job.is_chief:
             logger.info("Non-chief export of version %d verified; removing %s", job.version,
                         temp_dir)  # fmt: skip
@@ -440,7 +453,7 @@ def _stage_and_publish(job: _Job) -> ExportResult:
         fsync_tree(temp_dir)
         crash_points.reached("tree-synced")
         final = _publish(temp_dir, job.model_dir, job.version)
-    except ExportError:
+    except (ExportError, Preempted):
         raise
     except Exception as exc:
         raise ExportError(

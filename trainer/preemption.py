@@ -1,38 +1,83 @@
-"""SIGTERM handling: Kubernetes preempts a pod with SIGTERM and kills it after a grace period,
-so the trainer notes the request, finishes the current step chunk, checkpoints and exits."""
+"""SIGTERM handling: Kubernetes preempts a pod with SIGTERM and kills it after a grace period.
+
+The handler is installed when `convstack train` starts and stays for the whole process, so a
+SIGTERM in any phase (start-up, data loading, training, evaluation, export) only notes the
+request. Each phase stops at its next safe point (`stop_if_requested`): the loop after its
+current step chunk and a checkpoint, the others between their steps. The stop raises
+`Preempted`, which `convstack train` turns into exit 75, a retryable disruption for the Job.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+import time
+from collections.abc import Iterator
+
+from convstack.trainer.errors import Preempted
 
 log = logging.getLogger(__name__)
 
+SIGNALS = (signal.SIGTERM,)
 
-class PreemptionWatcher:
-    """Context manager: `requested` turns True once SIGTERM arrives while it is active.
 
-    Outside the main thread (where Python cannot install handlers) it watches nothing.
+class _Request:
+    """The one SIGTERM request of this process (signal handlers are process-wide too)."""
+
+    received_at: float | None = None
+    signal_name: str = ""
+
+
+def _handle(signum, frame) -> None:
+    if _Request.received_at is None:
+        _Request.received_at = time.monotonic()
+        _Request.signal_name = signal.Signals(signum).name
+        log.warning("received %s: stopping at the next safe point", _Request.signal_name)
+
+
+@contextlib.contextmanager
+def handling() -> Iterator[None]:
+    """Note SIGTERM instead of dying of it while the block runs, then restore the previous
+    handlers (an in-process caller of `train()` keeps its own SIGTERM behaviour afterwards).
+
+    Outside the main thread, where Python cannot install handlers, it changes nothing.
     """
-
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)) -> None:
-        self._signals = signals
-        self._previous: dict[int, object] = {}
-        self.requested = False
-
-    def _handle(self, signum, frame) -> None:
-        if not self.requested:
-            log.warning("received %s: checkpointing and stopping", signal.Signals(signum).name)
-        self.requested = True
-
-    def __enter__(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self._signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self._previous.items():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
+    _Request.received_at = None
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
             signal.signal(signum, handler)
-        self._previous.clear()
+
+
+def requested() -> bool:
+    """True once SIGTERM arrived in this process."""
+    return _Request.received_at is not None
+
+
+def seconds_since_request() -> float:
+    """How long ago SIGTERM arrived (0 when it did not): the detection time of a stop."""
+    if _Request.received_at is None:
+        return 0.0
+    return time.monotonic() - _Request.received_at
+
+
+def stop_if_requested(phase: str, consequence: str) -> None:
+    """Raise Preempted at a safe point of `phase` if SIGTERM arrived; `consequence` tells the
+    operator what a rerun with the same --run-dir will do."""
+    if requested():
+        raise Preempted(stop_message(phase, consequence))
+
+
+def stop_message(phase: str, consequence: str) -> str:
+    """The one line a preempted run ends with."""
+    return (
+        f"preempted during {phase} ({_Request.signal_name or 'SIGTERM'} "
+        f"{seconds_since_request():.1f}s ago); {consequence}"
+    )

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import keras
 
-from convstack.trainer import crash_points, export_record, pipeline
-from convstack.trainer.checkpoints import RunCheckpoints, check_run_identity, worker_scratch_dir
+from convstack.trainer import crash_points, export_record, pipeline, preemption
+from convstack.trainer.checkpoints import (
+    RunCheckpoints,
+    check_learning_rate,
+    check_run_identity,
+    record_run_identity,
+    worker_scratch_dir,
+)
 from convstack.trainer.config import TrainConfig
 from convstack.trainer.data import Dataset, load_dataset
 from convstack.trainer.errors import Preempted, VersionExistsError
 from convstack.trainer.export import ExportResult, export_origin, export_version, find_export
 from convstack.trainer.loop import DistributedTrainer, StepTotals, mixed_precision_policy
-from convstack.trainer.preemption import PreemptionWatcher
 from convstack.trainer.reporting import (
     EpochProgress,
     EpochRecord,
@@ -31,6 +36,10 @@ from convstack.trainer.reporting import (
 from convstack.trainer.strategy import StrategySetup, select_strategy
 
 log = logging.getLogger(__name__)
+
+# What a rerun does after a stop, for the one line a preempted run ends with.
+NOTHING_WRITTEN = "nothing was written; rerun with the same --run-dir"
+RESUMES = "rerun with the same --run-dir to resume from its latest checkpoint"
 
 
 @dataclass
@@ -51,16 +60,25 @@ def train(config: TrainConfig) -> TrainResult:
     _refuse_existing_version(config)
     # The strategy comes first: splitting the CPU into replicas must precede any TF operation.
     setup = select_strategy(config.replicas, os.environ.get("TF_CONFIG"))
+    _safe_point("strategy-created", "start-up", NOTHING_WRITTEN)
     dataset = load_dataset(
         config.data,
         seed=config.seed,
         validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction,
     )
+    _safe_point("data-loaded", "data loading", NOTHING_WRITTEN)
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy(setup.on_gpu))
     keras.utils.set_random_seed(config.seed)  # same initial weights on every worker and rerun
     return TrainingRun(config, setup, dataset).execute()
+
+
+def _safe_point(point: str, phase: str, consequence: str) -> None:
+    """A point where the run may stop: fault injection first (trainer/crash_points.py), then a
+    SIGTERM that arrived since the last safe point."""
+    crash_points.reached(point)
+    preemption.stop_if_requested(phase, consequence)
 
 
 def _refuse_existing_version(config: TrainConfig) -> None:
@@ -88,7 +106,7 @@ class TrainingRun:
         self.is_chief = setup.role.is_chief
         self.steps_per_epoch = pipeline.steps_per_epoch(dataset, config.batch_size)
         self.total_steps = config.epochs * self.steps_per_epoch
-        check_run_identity(self.run_dir / "run.json", self._identity(), self.is_chief)
+        check_run_identity(self.run_dir / "run.json", self._identity())
 
         info = dataset.info
         self.trainer = DistributedTrainer(setup, config, info.image_shape, info.num_classes)
@@ -97,10 +115,14 @@ class TrainingRun:
             config.keep_checkpoints,
         )  # fmt: skip
         self.step = self.checkpoints.restore_latest()
+        check_learning_rate(self.trainer.optimizer, config.learning_rate, self.step)
+        if self.is_chief:
+            record_run_identity(self.run_dir / "run.json", self._identity())
         completed_epochs = self.step // self.steps_per_epoch
         self.history = load_history(self.run_dir / "history.json", completed_epochs)
         self.tensorboard = TensorBoardLog(self.run_dir / "tensorboard") if self.is_chief else None
         self.validation = self._distributed_eval("validation")
+        _safe_point("restored", "start-up", RESUMES)
 
     def execute(self) -> TrainResult:
         started = time.perf_counter()
@@ -109,12 +131,14 @@ class TrainingRun:
                 "training %d steps (%d per epoch, global batch %d) from step %d",
                 self.total_steps, self.steps_per_epoch, self.config.batch_size, self.step,
             )  # fmt: skip
-        with PreemptionWatcher() as preemption:
-            while self.step < self.total_steps:
-                self._record(self._run_epoch(preemption))
+        while self.step < self.total_steps:
+            self._run_epoch()
         training_seconds = time.perf_counter() - started
+        trained = f"checkpoint {self.step} holds the trained model; {RESUMES}, evaluate and export"
+        _safe_point("trained", "evaluation", trained)
 
         test = self.trainer.evaluate(self._distributed_eval("test"))
+        _safe_point("evaluated", "evaluation", trained)
         log.info("test accuracy %.4f, loss %.4f on %d images", _accuracy(test),
                  test.mean_loss, test.count)  # fmt: skip
         if self.is_chief and self.history:
@@ -122,6 +146,8 @@ class TrainingRun:
         exported = self._export_once(test, training_seconds) if self.config.export else None
         if not self.is_chief:
             shutil.rmtree(worker_scratch_dir(self.run_dir, self.setup.role), ignore_errors=True)
+        # Late, but still a SIGTERM: exit 75 like every other one (a rerun finds the run done).
+        preemption.stop_if_requested("export", "the run is complete; a rerun publishes nothing")
         return TrainResult(
             _accuracy(test), test.mean_loss, self.step, training_seconds, self.history,
             exported, self.setup.name, self.setup.num_replicas, self.is_chief,
@@ -129,7 +155,7 @@ class TrainingRun:
 
     # --- the epoch loop -------------------------------------------------------------------
 
-    def _run_epoch(self, preemption: PreemptionWatcher) -> EpochRecord:
+    def _run_epoch(self) -> None:
         epoch, offset = divmod(self.step, self.steps_per_epoch)
         batches = pipeline.training_batches(
             self.dataset, global_batch_size=self.config.batch_size, seed=self.config.seed,
@@ -152,16 +178,29 @@ class TrainingRun:
                 offset += steps
                 self.step += steps
                 progress.update(steps, lambda: self.trainer.train_totals().mean_loss)
+                crash_points.reached(crash_points.step_point(self.step))
+                if offset == self.steps_per_epoch:
+                    break  # the epoch-end checkpoint is written with the epoch's record
                 if self.step % self.config.checkpoint_every == 0:
                     self._save()
-                if self.trainer.agree_to_stop(preemption.requested):
+                if self.trainer.agree_to_stop(preemption.requested()):
                     self._stop_preempted()
         finally:
             progress.close()
         totals = self.trainer.train_totals()  # waits for the epoch's last step
         seconds = time.perf_counter() - started
+        self._end_epoch(self._epoch_record(epoch + 1, totals, seconds))
+
+    def _end_epoch(self, record: EpochRecord) -> None:
+        """Record the epoch, then write the checkpoint that counts it: a checkpoint at an epoch
+        end always has its record in history.json. A kill between the two resumes from the
+        previous checkpoint, and load_history drops the record of the epoch it repeats, so
+        every epoch is recorded exactly once."""
+        self._record(record)
+        crash_points.reached("epoch-recorded")
         self._save()
-        return self._epoch_record(epoch + 1, totals, seconds)
+        if self.trainer.agree_to_stop(preemption.requested()):
+            self._stop_preempted()
 
     def _next_chunk(self, offset: int) -> int:
         """Steps for the next compiled call: never past the epoch end or a checkpoint
@@ -174,7 +213,8 @@ class TrainingRun:
         if self.is_chief:
             save_history(self.run_dir / "history.json", self.history)
         raise Preempted(
-            f"preempted at step {self.step} of {self.total_steps}; checkpoint in "
+            f"preempted at step {self.step} of {self.total_steps} (SIGTERM "
+            f"{preemption.seconds_since_request():.1f}s ago); checkpoint in "
             f"{self.checkpoints.directory}, rerun with the same --run-dir to resume"
         )
 
@@ -217,6 +257,7 @@ class TrainingRun:
             "seed": self.config.seed,
             "model": self.config.model_part().model_dump(),
             "optimizer": self.config.optimizer,
+            "learning_rate": self.config.learning_rate,
         }
 
     def _distributed_eval(self, split: str):
@@ -232,6 +273,7 @@ class TrainingRun:
         must not publish the same training twice, wherever the last attempt was killed:
         trainer/export_record.py)."""
         record = export_record.read_record(self.run_dir)
+        preemption.stop_if_requested("export", RESUMES)
         if record is not None and record.published and record.global_step == self.step:
             log.info("run already exported version %s at step %d: %s",
                      record.version, self.step, record.path)  # fmt: skip

@@ -1,0 +1,157 @@
+"""Training under faults (issue #19): a real `convstack train` signalled or killed in each phase
+through the crash points of trainer/crash_points.py ends with the right status, and a rerun with
+the same run directory finishes the run exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convstack.trainer import crash_points
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+# One Conv2D block of 4 filters: a step costs next to nothing, so a run is mostly start-up.
+TINY_RUN = ["--conv-blocks", "1", "--filters", "4", "--dense-units", "8"]
+# digits with batch 64: 1257 training images, 19 steps per epoch.
+STEPS_PER_EPOCH = 19
+STOP_LINE = re.compile(r"preempted (?:during|at) .*\((SIGTERM) ([0-9.]+)s ago\)")
+
+
+def train(
+    tmp_path: Path, *extra: str, crash_at: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """The real trainer on digits into tmp_path/models, run dir tmp_path/run."""
+    command = [sys.executable, "-m", "convstack.cli", "train", "--data", "digits"]
+    command += ["--model-base", str(tmp_path / "models"), "--model-name", "digits"]
+    command += ["--run-dir", str(tmp_path / "run"), "--progress", "log", *TINY_RUN, *extra]
+    env = {k: v for k, v in os.environ.items() if k != crash_points.ENV}
+    if crash_at is not None:
+        env[crash_points.ENV] = crash_at
+    return subprocess.run(
+        command, cwd=ROOT, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True,
+        text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("convstack train: error:")]
+
+
+def model_dir_entries(tmp_path: Path) -> list[str]:
+    model_dir = tmp_path / "models" / "digits"
+    return sorted(p.name for p in model_dir.iterdir()) if model_dir.exists() else []
+
+
+def history_epochs(tmp_path: Path) -> list[int]:
+    return [r["epoch"] for r in json.loads((tmp_path / "run" / "history.json").read_text())]
+
+
+# --- (3) a SIGTERM in any phase is a clean stop with exit 75 --------------------------------
+
+PHASES = [
+    ("started", "start-up"),
+    ("strategy-created", "start-up"),
+    ("data-loaded", "data loading"),
+    ("restored", "start-up"),
+    ("trained", "evaluation"),
+    ("evaluated", "evaluation"),
+    ("staging-created", "export"),
+]
+
+
+@pytest.mark.parametrize(("point", "phase"), PHASES, ids=[p for p, _ in PHASES])
+def test_a_sigterm_in_any_phase_stops_cleanly_with_exit_75(tmp_path, point, phase):
+    stopped = train(tmp_path, "--epochs", "1", crash_at=f"{point}:SIGTERM")
+
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    (line,) = error_lines(stopped.stderr)
+    assert f"preempted during {phase}" in line and STOP_LINE.search(line), line
+    # Nothing half-made: no staging directory and no version.
+    assert model_dir_entries(tmp_path) == []
+
+
+def test_a_sigterm_in_the_export_then_a_rerun_publishes_exactly_one_version(tmp_path):
+    stopped = train(tmp_path, "--epochs", "1", crash_at="staged:SIGTERM")
+    # The staged point is past the last check before the rename: the version is published and
+    # recorded, and the run still ends as preempted, like every SIGTERM.
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert model_dir_entries(tmp_path) == ["1"]
+
+    rerun = train(tmp_path, "--epochs", "1")
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "already exported version 1" in rerun.stderr
+    assert model_dir_entries(tmp_path) == ["1"]
+    assert history_epochs(tmp_path) == [1]
+
+
+# --- (2) an epoch's record and its checkpoint are one unit -----------------------------------
+
+
+def test_a_sigterm_at_an_epoch_end_keeps_that_epochs_record(tmp_path):
+    """The issue's case: SIGTERM on the last step of epoch 1 lost its history record."""
+    args = ("--epochs", "2", "--checkpoint-every", "10", "--no-export")
+    stopped = train(tmp_path, *args, crash_at=f"{crash_points.step_point(STEPS_PER_EPOCH)}:SIGTERM")
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert f"preempted at step {STEPS_PER_EPOCH} " in stopped.stderr
+
+    rerun = train(tmp_path, *args)
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert history_epochs(tmp_path) == [1, 2]
+
+
+def test_a_kill_between_an_epochs_record_and_its_checkpoint_counts_the_epoch_once(tmp_path):
+    args = ("--epochs", "2", "--checkpoint-every", "10", "--no-export")
+    killed = train(tmp_path, *args, crash_at="epoch-recorded")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert history_epochs(tmp_path) == [1]
+
+    rerun = train(tmp_path, *args)
+
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and "(step 10)" in rerun.stderr
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [(r["epoch"], r["step"]) for r in history] == [(1, STEPS_PER_EPOCH), (2, 38)]
+
+
+# --- (6) settings on resume ------------------------------------------------------------------
+
+
+def test_a_resume_refuses_fixed_settings_with_exit_2_and_one_line_naming_them(tmp_path):
+    first = train(tmp_path, "--epochs", "1", "--no-export")
+    assert first.returncode == 0, first.stderr[-3000:]
+    identity = (tmp_path / "run" / "run.json").read_text()
+
+    refused = {
+        "filters": train(tmp_path, "--epochs", "2", "--no-export", "--filters", "8"),
+        "learning-rate": train(tmp_path, "--epochs", "2", "--no-export", "--learning-rate", "0.5"),
+    }
+    (tmp_path / "run" / "run.json").unlink()  # as in a run directory from before run.json
+    refused["checkpoint"] = train(tmp_path, "--epochs", "2", "--no-export", "--filters", "8")
+    refused["checkpoint-learning-rate"] = train(
+        tmp_path, "--epochs", "2", "--no-export", "--learning-rate", "0.5"
+    )
+
+    for name, result in refused.items():
+        assert result.returncode == 2, (name, result.stderr[-3000:])
+        (line,) = error_lines(result.stderr)
+        assert "Traceback" not in result.stderr, name
+        assert {
+            "filters": "--filters 8 (the run has 4)",
+            "learning-rate": "--learning-rate 0.5 (the run has 0.001)",
+            "checkpoint": "checkpoint does not fit the model",
+            "checkpoint-learning-rate": "--learning-rate 0.5: the run's checkpoint",
+        }[name] in line, line
+    # A refused resume records nothing: the original settings still resume.
+    resumed = train(tmp_path, "--epochs", "2", "--no-export")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text()) == json.loads(identity)
