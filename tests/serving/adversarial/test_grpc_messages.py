@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.serving.adversarial import oracle, strategies
 from tests.serving.adversarial.conftest import (
@@ -63,6 +64,29 @@ def test_status_and_metadata_junk(target):
         target.record(describe(status_request), code, oracle.status_codes(status_request))
         code = call_code(metadata, metadata_request)
         target.record(describe(metadata_request), code, oracle.metadata_codes(metadata_request))
+
+    attack()
+    target.check_golden()
+
+
+def test_bursts_of_concurrent_mutated_requests(target):
+    """Bursts of up to 48 mutated Predicts in flight at once: each still gets its own code."""
+    predict = target.server.prediction().Predict
+    budget = Budget(15)
+
+    @attack_settings(max_examples=25)
+    @given(st.lists(strategies.predict_requests(), min_size=8, max_size=48))
+    def attack(requests):
+        if budget.spent():
+            return
+        futures = [predict.future(request, timeout=CALL_TIMEOUT) for request in requests]
+        for request, future in zip(requests, futures, strict=True):
+            try:
+                future.result()
+                code = "OK"
+            except grpc.RpcError as error:
+                code = grpc_code(error)
+            target.record(describe(request), code, oracle.predict_codes(request))
 
     attack()
     target.check_golden()
