@@ -40,6 +40,7 @@ def gather_status(rollout: Rollout, now: dt.datetime | None = None) -> dict[str,
         for v in on_disk
     ]
     servers = [_server_status(t, rollout.model, state.labels) for t in _targets(rollout.servers)]
+    warnings = [] if repository_error else missing_on_disk(state, [v.version for v in on_disk])
     return {
         "model": rollout.model,
         "store": rollout.store.uri,
@@ -49,7 +50,26 @@ def gather_status(rollout: Rollout, now: dt.datetime | None = None) -> dict[str,
         "versions": disk,
         "repository_error": repository_error,
         "servers": servers,
+        "warnings": warnings,
     }
+
+
+def missing_on_disk(state: rollout_plan.ModelState, on_disk: Sequence[int]) -> list[str]:
+    """A warning for each labelled version whose directory is gone: servers keep serving it
+    from memory, so nothing fails until a replica restarts and cannot load it."""
+    present = set(on_disk)
+    return [
+        f"{label} version {version} is missing on disk; a replica restart will lose it"
+        for label, version in sorted(state.labels.items(), key=_label_order)
+        if version not in present
+    ]
+
+
+def _label_order(item: tuple[str, int]) -> tuple[int, str]:
+    # stable first: it is the one serving the traffic
+    label = item[0]
+    order = rollout_plan.ROLLOUT_LABELS
+    return (order.index(label) if label in order else len(order), label)
 
 
 def _targets(servers: Sequence[str]) -> list[str]:
@@ -111,6 +131,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"versions on disk: not readable here ({status['repository_error']})")
     else:
         lines += _table(["VERSION", "AGE", "TEST ACC", "LABELS", "LOADED BY CONFIG"], rows)
+    lines += [f"warning: {warning}" for warning in status.get("warnings", [])]
     if status["servers"]:
         lines.append("")
         server_rows = [_server_row(server) for server in status["servers"]]

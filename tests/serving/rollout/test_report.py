@@ -209,3 +209,29 @@ def test_status_without_the_model_volume_still_shows_labels_and_servers(tmp_path
     text = format_status(status)
     assert "versions on disk: not readable here" in text
     assert f"{target}  1 AVAILABLE, 2 AVAILABLE  previous->1, stable->2" in text
+
+
+def test_status_warns_when_a_labelled_version_is_missing_on_disk(tmp_path):
+    # After `rm -rf` of stable's directory the servers still serve it from memory.
+    base = tmp_path / "digits"
+    (base / "1").mkdir(parents=True)
+    config = model_config.add_model(
+        model_config.ModelServerConfig(),
+        "digits",
+        base,
+        specific=[1, 2],
+        labels={"stable": 2, "previous": 1},
+    )
+    model_config.write_model_config(tmp_path / "models.config", config)
+    rollout = Rollout(
+        "digits",
+        FileStore(tmp_path / "models.config"),
+        [],
+        golden=lambda version: pytest.fail("status needs no golden set"),
+    )
+
+    status = gather_status(rollout, now=NOW)
+
+    warning = "stable version 2 is missing on disk; a replica restart will lose it"
+    assert status["warnings"] == [warning]
+    assert f"warning: {warning}" in format_status(status).splitlines()
