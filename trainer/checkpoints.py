@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from convstack.common.files import write_json_atomic
 from convstack.trainer.errors import ConfigError
+from convstack.trainer.model import rng_states
 from convstack.trainer.strategy import WorkerRole
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ def worker_scratch_dir(run_dir: Path, role: WorkerRole) -> Path:
 
 class RunCheckpoints:
     """tf.train.CheckpointManager over run_dir/checkpoints holding the model, the optimizer, the
-    global step and the completed epochs.
+    global step, the completed epochs and the model's random state (dropout), so that a resumed
+    run takes the very steps the uninterrupted one would have taken. (The data position needs
+    no state: batches are a pure function of seed, epoch and step, trainer/pipeline.py.)
 
     Under MultiWorkerMirroredStrategy every worker must take part in saving; only the chief's
     files are kept, the others write to a scratch directory that is deleted afterwards.
@@ -36,9 +39,9 @@ class RunCheckpoints:
         self._step = tf.Variable(0, dtype=tf.int64, trainable=False)
         # The epoch is derivable from the step; it is saved so a checkpoint reads on its own.
         self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self._checkpoint = tf.train.Checkpoint(
-            model=model, optimizer=optimizer, step=self._step, epoch=self._epoch
-        )
+        self._parts = dict(model=model, optimizer=optimizer, step=self._step, epoch=self._epoch)
+        self._rng = rng_states(model)
+        self._checkpoint = tf.train.Checkpoint(**self._parts, rng=self._rng)
         write_dir = self.directory if role.is_chief else worker_scratch_dir(run_dir, role)
         self._scratch = None if role.is_chief else write_dir
         self._manager = tf.train.CheckpointManager(
@@ -50,7 +53,7 @@ class RunCheckpoints:
         latest = tf.train.latest_checkpoint(str(self.directory))
         if latest:
             try:
-                self._checkpoint.restore(latest).assert_existing_objects_matched()
+                self._checkpoint_for(latest).restore(latest).assert_existing_objects_matched()
             except (ValueError, AssertionError, tf.errors.OpError) as exc:
                 # A checkpoint of another model shape is bad input, not a failure to retry.
                 raise ConfigError(
@@ -59,6 +62,15 @@ class RunCheckpoints:
                 ) from exc
             log.info("resumed from %s (step %d)", latest, int(self._step.numpy()))
         return int(self._step.numpy())
+
+    def _checkpoint_for(self, path: str) -> tf.train.Checkpoint:
+        """The checkpoint object that reads `path`: one written before the random state was
+        saved resumes without it (its dropout masks then differ from an unbroken run's)."""
+        saved = [name for name, _ in tf.train.list_variables(path)]
+        if not self._rng or any(name.startswith("rng/") for name in saved):
+            return self._checkpoint
+        log.warning("%s holds no random state: the resumed run will not repeat the original", path)
+        return tf.train.Checkpoint(**self._parts)
 
     def save(self, step: int, epoch: int) -> None:
         self._step.assign(step)

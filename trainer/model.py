@@ -45,3 +45,14 @@ def build_model(
         x = keras.layers.Dropout(config.dropout, name="dropout")(x)
     logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)
     return keras.Model(images, logits, name="convstack_classifier")
+
+
+def rng_states(model: keras.Model) -> dict[str, keras.Variable]:
+    """The random state of the model's layers, by layer name: the Keras SeedGenerator state
+    each Dropout draws its masks from. It advances every training step, so a checkpoint must
+    hold it for a resumed run to draw the masks the uninterrupted run would have drawn."""
+    return {
+        layer.name: layer.seed_generator.state
+        for layer in model.layers
+        if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)
+    }

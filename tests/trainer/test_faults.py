@@ -155,3 +155,46 @@ def test_a_resume_refuses_fixed_settings_with_exit_2_and_one_line_naming_them(tm
     resumed = train(tmp_path, "--epochs", "2", "--no-export")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == json.loads(identity)
+
+
+# --- (1) a resume reproduces the run ---------------------------------------------------------
+
+# Same process layout and kernels either way, so the weights should agree to the bit; the bound
+# leaves room for float reassociation only (dropout masks that differ move weights by ~1e-2).
+WEIGHT_ATOL = 1e-6
+
+
+def final_weights(tmp_path: Path) -> dict:
+    import tensorflow as tf
+
+    # Everything the last checkpoint holds (weights, optimizer slots, random state) but its
+    # bookkeeping: the save counter counts the saves, which an interrupted run makes more of.
+    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    names = [n for n in reader.get_variable_to_shape_map() if not n.startswith(("_", "save_"))]
+    return {name: reader.get_tensor(name) for name in names}
+
+
+@pytest.mark.parametrize("replicas", ["1", "2"])
+def test_a_run_interrupted_twice_ends_with_the_uninterrupted_runs_weights(tmp_path, replicas):
+    import numpy as np
+
+    # Dropout on (the model's default 0.25): its masks are the random state to restore.
+    args = ("--epochs", "2", "--checkpoint-every", "5", "--no-export", "--replicas", replicas)
+    straight = train(tmp_path / "straight", *args)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    broken = tmp_path / "broken"
+    for step in (7, STEPS_PER_EPOCH + 7):  # mid-epoch, off the checkpoint grid, both epochs
+        stopped = train(broken, *args, crash_at=f"{crash_points.step_point(step)}:SIGTERM")
+        assert stopped.returncode == 75, stopped.stderr[-3000:]
+        assert f"preempted at step {step} " in stopped.stderr
+    resumed = train(broken, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = final_weights(tmp_path / "straight"), final_weights(broken)
+    assert sorted(got) == sorted(expected)
+    differences = {n: float(np.max(np.abs(got[n] - expected[n]))) for n in expected}
+    print(f"replicas {replicas}: max weight difference {max(differences.values()):.3g}")
+    assert max(differences.values()) <= WEIGHT_ATOL, differences
+    assert any(name.startswith("rng/") for name in got)
+    assert history_epochs(broken) == [1, 2]
