@@ -43,6 +43,9 @@ class RunCheckpoints:
         self._rng = rng_states(model)
         self._checkpoint = tf.train.Checkpoint(**self._parts, rng=self._rng)
         write_dir = self.directory if role.is_chief else worker_scratch_dir(run_dir, role)
+        # Each writer is alone in its directory (the chief in checkpoints/, a worker in its
+        # scratch), so what it finds there at start was left by a dead predecessor.
+        remove_dead_writers_leftovers(write_dir)
         self._scratch = None if role.is_chief else write_dir
         self._manager = tf.train.CheckpointManager(
             self._checkpoint, str(write_dir), max_to_keep=keep
@@ -78,6 +81,28 @@ class RunCheckpoints:
         self._manager.save(checkpoint_number=step)
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
+
+
+def remove_dead_writers_leftovers(directory: Path) -> list[str]:
+    """Remove what killed checkpoint saves leave in `directory`: `ckpt-N_temp*` staging
+    folders, and data files of a checkpoint that has no index (the index is written last).
+    Call only where no other process writes. Returns the names removed."""
+    if not directory.is_dir():
+        return []
+    indexed = {path.name.removesuffix(".index") for path in directory.glob("*.index")}
+    removed = []
+    for path in sorted(directory.iterdir()):
+        prefix = path.name.split(".data-")[0]
+        temp = "_temp" in path.name and path.name.startswith("ckpt-")
+        orphan = ".data-" in path.name and prefix not in indexed
+        if temp or orphan:
+            log.info("removing %s, left by a checkpoint save that did not finish", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def check_run_identity(path: Path, identity: dict) -> None:

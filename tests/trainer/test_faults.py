@@ -114,11 +114,17 @@ def test_a_kill_between_an_epochs_record_and_its_checkpoint_counts_the_epoch_onc
     killed = train(tmp_path, *args, crash_at="epoch-recorded")
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert history_epochs(tmp_path) == [1]
+    # (7) What a save killed mid-write leaves: its temp folder and data without an index.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "ckpt-15_temp").mkdir()
+    (checkpoints / "ckpt-15_temp" / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"x")
+    (checkpoints / "ckpt-15.data-00000-of-00001").write_bytes(b"x")
 
     rerun = train(tmp_path, *args)
 
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stderr and "(step 10)" in rerun.stderr
+    assert not list(checkpoints.glob("ckpt-15*"))
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [(r["epoch"], r["step"]) for r in history] == [(1, STEPS_PER_EPOCH), (2, 38)]
 
