@@ -37,7 +37,7 @@ def describe(request) -> str:
 
 def test_mutated_predict_requests(target):
     predict = target.server.prediction().Predict
-    budget = Budget(30)
+    budget = Budget(25)
 
     @attack_settings(max_examples=2000)
     @given(strategies.predict_requests())
@@ -53,7 +53,7 @@ def test_mutated_predict_requests(target):
 def test_status_and_metadata_junk(target):
     status = target.server.models().GetModelStatus
     metadata = target.server.prediction().GetModelMetadata
-    budget = Budget(10)
+    budget = Budget(8)
 
     @attack_settings(max_examples=600)
     @given(strategies.status_requests(), strategies.metadata_requests())
@@ -72,7 +72,7 @@ def test_status_and_metadata_junk(target):
 def test_bursts_of_concurrent_mutated_requests(target):
     """Bursts of up to 48 mutated Predicts in flight at once: each still gets its own code."""
     predict = target.server.prediction().Predict
-    budget = Budget(15)
+    budget = Budget(10)
 
     @attack_settings(max_examples=25)
     @given(st.lists(strategies.predict_requests(), min_size=8, max_size=48))

@@ -100,7 +100,7 @@ def method_and_bytes(draw):
 def test_raw_bytes_to_every_method(target):
     channel = target.server.channel()
     calls = {method: channel.unary_unary(method) for method in METHODS}  # bytes in, bytes out
-    budget = Budget(30)
+    budget = Budget(25)
 
     @attack_settings(max_examples=2000)
     @given(method_and_bytes())

@@ -135,7 +135,7 @@ def send(target, data: bytes) -> int | str:
 
 
 def test_hostile_http_requests(target):
-    budget = Budget(45)
+    budget = Budget(35)
 
     @attack_settings(max_examples=600)
     @given(http_requests())
