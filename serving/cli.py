@@ -111,6 +111,25 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="allow labels on versions that are not AVAILABLE (TF Serving's flag)",
     )
     parser.switch(
+        "prefer_tflite_model",
+        help="serve <version>/model.tflite where a version has one, else its SavedModel "
+        "(TF Serving's flag)",
+    )
+    parser.flag(
+        "num_tflite_pools",
+        type=whole_number(1),
+        default=1,
+        metavar="N",
+        help="TFLite interpreter pools (with --prefer_tflite_model; default 1)",
+    )
+    parser.flag(
+        "num_tflite_interpreters_per_pool",
+        type=whole_number(1),
+        default=1,
+        metavar="N",
+        help="interpreters per TFLite pool; requests run on pools x this at once (default 1)",
+    )
+    parser.switch(
         "enable_signature_method_name_check",
         help="Classify, Regress and Predict check the signature's method_name (TF Serving's "
         "flag; off by default, as there)",
@@ -366,6 +385,9 @@ def server_options(args):
         signature_method_name_check=args.enable_signature_method_name_check,
         max_request_tensor_bytes=args.max_request_tensor_bytes,
         response_tensor_content=args.response_tensor_content,
+        prefer_tflite_model=args.prefer_tflite_model,
+        num_tflite_pools=args.num_tflite_pools,
+        num_tflite_interpreters_per_pool=args.num_tflite_interpreters_per_pool,
         max_concurrent_requests=args.max_concurrent_requests,
         request_threads=args.request_threads,
         tensorflow_threads=tensorflow_threads_from_args(args),
@@ -462,6 +484,12 @@ def _exec_tfserving(args, where: str) -> int:
         tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
         tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
         tensorflow_session_parallelism=args.tensorflow_session_parallelism,
+        grpc_socket_path=args.grpc_socket_path,
+        grpc_channel_arguments=",".join(f"{k}={v}" for k, v in args.grpc_channel_arguments),
+        enable_signature_method_name_check=args.enable_signature_method_name_check,
+        prefer_tflite_model=args.prefer_tflite_model,
+        num_tflite_pools=args.num_tflite_pools,
+        num_tflite_interpreters_per_pool=args.num_tflite_interpreters_per_pool,
     )
     if where == "docker":
         config = model_config.load_model_config(config_path)

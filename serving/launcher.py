@@ -41,6 +41,12 @@ class TfServingFlags:
     tensorflow_intra_op_parallelism: int = 0
     tensorflow_inter_op_parallelism: int = 0
     tensorflow_session_parallelism: int = 0
+    grpc_socket_path: str | None = None
+    grpc_channel_arguments: str = ""
+    enable_signature_method_name_check: bool = False
+    prefer_tflite_model: bool = False
+    num_tflite_pools: int = 1
+    num_tflite_interpreters_per_pool: int = 1
 
     def arguments(self) -> list[str]:
         args = [
@@ -72,6 +78,23 @@ class TfServingFlags:
         ):
             if getattr(self, name):
                 args.append(f"--{name}={getattr(self, name)}")
+        return args + self._optional_arguments()
+
+    def _optional_arguments(self) -> list[str]:
+        """Flags passed only when set, so older TF Serving builds keep their own defaults."""
+        args = []
+        if self.grpc_socket_path:
+            args.append(f"--grpc_socket_path={self.grpc_socket_path}")
+        if self.grpc_channel_arguments:
+            args.append(f"--grpc_channel_arguments={self.grpc_channel_arguments}")
+        if self.enable_signature_method_name_check:
+            args.append("--enable_signature_method_name_check=true")
+        if self.prefer_tflite_model:
+            args += [
+                "--prefer_tflite_model=true",
+                f"--num_tflite_pools={self.num_tflite_pools}",
+                f"--num_tflite_interpreters_per_pool={self.num_tflite_interpreters_per_pool}",
+            ]
         return args
 
 

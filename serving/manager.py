@@ -34,7 +34,7 @@ from convstack.serving.errors import (
     error_for_code,
 )
 from convstack.serving.model_config import ModelConfig, ModelServerConfig
-from convstack.serving.servable import LoadedVersion, LoadError, load_version
+from convstack.serving.servable import LoadError, Servable, load_version
 from convstack.serving.version_policy import aspired_versions, numeric_version_dirs
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Version:
     state: VersionState = VersionState.START
     error_code: str = "OK"
     error_message: str = ""
-    loaded: LoadedVersion | None = None
+    loaded: Servable | None = None
     refs: int = 0  # requests holding the loaded version
     # A failed load is not retried while the version stays aspired (TF Serving keeps it in
     # error); it loads again once it has left the aspired set and come back.
@@ -129,8 +129,10 @@ class ModelManager:
         num_load_threads: int = 2,
         allow_version_labels_for_unavailable_models: bool = False,
         on_event: Callable[[str], None] | None = None,
+        load: Callable[[str, int, Path], Servable] = load_version,
     ):
         _check_config(config)
+        self._load_version = load
         self._config = _copy_config(config)
         self._poll_wait = file_system_poll_wait_seconds
         self._max_retries = max(0, int(max_num_load_retries))
@@ -373,7 +375,7 @@ class ModelManager:
                     f"(retry {attempt - 1} of {self._max_retries})"
                 )
             try:
-                loaded = load_version(record.model, record.version, record.path)
+                loaded = self._load_version(record.model, record.version, record.path)
                 return loaded, loaded.warmup(), None, attempt
             except ServingError as exc:
                 error = exc
@@ -533,7 +535,7 @@ class ModelManager:
     @contextmanager
     def acquire(
         self, name: str, version: int | None = None, label: str | None = None
-    ) -> Iterator[LoadedVersion]:
+    ) -> Iterator[Servable]:
         """Hold a loaded version for one request; it cannot unload until released.
 
         `version` asks for that version, `label` for the version the label points at, neither

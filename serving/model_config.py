@@ -44,8 +44,7 @@ def parse_model_config(text: str, source: str = "<models.config>") -> ModelServe
         where = f"line {line}, column {column}" if line is not None else "parse error"
         # TF Serving's wording leads, so that tools grepping its message find ours too.
         raise ModelConfigError(
-            f"{source}: {where}: Error parsing text-format {config.DESCRIPTOR.full_name}: "
-            f"{problem}"
+            f"{source}: {where}: Error parsing text-format {config.DESCRIPTOR.full_name}: {problem}"
         ) from exc
     return config
 

@@ -164,36 +164,40 @@ def _op_message(exc: tf.errors.OpError) -> str:
     return " ".join(_OP_NOISE.sub("", exc.message).split())
 
 
-class LoadedVersion:
-    """A loaded version of a model, ready to validate and run requests."""
+class Servable:
+    """A loaded version: its SignatureDefs, request checks, and runs by tensor name.
+
+    Subclasses provide `run_tensors` (feed tensors by graph name, fetch by graph name) and
+    `close`; everything TF Serving checks before running lives here, shared by the SavedModel
+    session and the TFLite interpreters."""
 
     def __init__(
         self,
         name: str,
         version: int,
         path: Path,
-        session: tf.compat.v1.Session,
-        meta_graph: meta_graph_pb2.MetaGraphDef,
+        signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
     ):
         self.name = name
         self.version = version
         self.path = Path(path)
-        self._session = session
-        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(meta_graph.signature_def)
+        self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = dict(signature_defs)
         self.signatures: dict[str, SignatureInfo] = {
             key: _signature_info(key, signature)
             for key, signature in sorted(self.signature_defs.items())
             if key != INIT_OP_SIGNATURE
         }
-        self._runners: dict[tuple, object] = {}
-        self._runners_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"LoadedVersion({self.name!r}, {self.version}, {str(self.path)!r})"
+        return f"{type(self).__name__}({self.name!r}, {self.version}, {str(self.path)!r})"
 
     def close(self) -> None:
-        """Release the session (and the memory of the graph's variables)."""
-        self._session.close()
+        """Release what the version holds."""
+
+    def run_tensors(
+        self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str]
+    ) -> list[np.ndarray]:
+        raise NotImplementedError
 
     def signature_def_map(self) -> SignatureDefMap:
         """Every SignatureDef of the MetaGraphDef, as TF Serving's GetModelMetadata returns it."""
@@ -246,36 +250,6 @@ class LoadedVersion:
         fetched = self.run_tensors(feeds, [definition.outputs[alias].name for alias in wanted])
         return dict(zip(wanted, fetched, strict=True))
 
-    def run_tensors(
-        self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str]
-    ) -> list[np.ndarray]:
-        """Run the graph: feed tensors by name, return the fetched tensors in `fetches` order.
-
-        A TensorFlow error becomes the ServingError of its status code (a shape the graph cannot
-        take is the kernel's INVALID_ARGUMENT)."""
-        names = sorted(feeds)
-        try:
-            runner = self._runner(tuple(names), tuple(fetches))
-            return [np.asarray(value) for value in runner(*(feeds[name] for name in names))]
-        except tf.errors.OpError as exc:
-            raise _error_from_op(exc) from exc
-
-    def _runner(self, feed_names: tuple[str, ...], fetch_names: tuple[str, ...]):
-        """A cached C++ Session callable (Session::MakeCallable, what TF Serving runs).
-
-        Session.run and make_callable with feeds go through Python's feed checks, which refuse
-        any shape the placeholder does not declare; TF Serving feeds the C++ session directly
-        and leaves shapes to the kernels. The callable is also ~3x faster per call."""
-        key = (feed_names, fetch_names)
-        runner = self._runners.get(key)
-        if runner is None:
-            options = config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names)
-            with self._runners_lock:
-                if len(self._runners) >= _MAX_RUNNERS:
-                    self._runners.clear()  # bounded, whatever output filters requests send
-                runner = self._runners[key] = self._session._make_callable_from_options(options)
-        return runner
-
     def warmup(self) -> int:
         """Replay assets.extra/tf_serving_warmup_requests; the number of records (0 if none).
 
@@ -314,6 +288,57 @@ class LoadedVersion:
             self.run(request.model_spec.signature_name, inputs, list(request.output_filter))
         except ServingError as exc:
             raise LoadError(f"{path}: record {index}: {exc.message}", code=exc.code) from exc
+
+
+class LoadedVersion(Servable):
+    """A SavedModel version: its MetaGraphDef in a TensorFlow session of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        path: Path,
+        session: tf.compat.v1.Session,
+        meta_graph: meta_graph_pb2.MetaGraphDef,
+    ):
+        super().__init__(name, version, path, meta_graph.signature_def)
+        self._session = session
+        self._runners: dict[tuple, object] = {}
+        self._runners_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the session (and the memory of the graph's variables)."""
+        self._session.close()
+
+    def run_tensors(
+        self, feeds: Mapping[str, np.ndarray], fetches: Sequence[str]
+    ) -> list[np.ndarray]:
+        """Run the graph: feed tensors by name, return the fetched tensors in `fetches` order.
+
+        A TensorFlow error becomes the ServingError of its status code (a shape the graph cannot
+        take is the kernel's INVALID_ARGUMENT)."""
+        names = sorted(feeds)
+        try:
+            runner = self._runner(tuple(names), tuple(fetches))
+            return [np.asarray(value) for value in runner(*(feeds[name] for name in names))]
+        except tf.errors.OpError as exc:
+            raise _error_from_op(exc) from exc
+
+    def _runner(self, feed_names: tuple[str, ...], fetch_names: tuple[str, ...]):
+        """A cached C++ Session callable (Session::MakeCallable, what TF Serving runs).
+
+        Session.run and make_callable with feeds go through Python's feed checks, which refuse
+        any shape the placeholder does not declare; TF Serving feeds the C++ session directly
+        and leaves shapes to the kernels. The callable is also ~3x faster per call."""
+        key = (feed_names, fetch_names)
+        runner = self._runners.get(key)
+        if runner is None:
+            options = config_pb2.CallableOptions(feed=feed_names, fetch=fetch_names)
+            with self._runners_lock:
+                if len(self._runners) >= _MAX_RUNNERS:
+                    self._runners.clear()  # bounded, whatever output filters requests send
+                runner = self._runners[key] = self._session._make_callable_from_options(options)
+        return runner
 
 
 def check_input_keys(signature: SignatureInfo, inputs: Mapping[str, object]) -> None:

@@ -31,6 +31,7 @@ from convstack.serving.manager import ModelManager
 from convstack.serving.metrics import MonitoringConfig, ServingMetrics
 from convstack.serving.model_config import ModelConfigError, load_model_config
 from convstack.serving.rest_api import RestApi
+from convstack.serving.tflite import version_loader
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class ServerOptions:
     signature_method_name_check: bool = False
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
     response_tensor_content: bool = False
+    prefer_tflite_model: bool = False  # serve <version>/model.tflite where there is one
+    num_tflite_pools: int = 1
+    num_tflite_interpreters_per_pool: int = 1
     max_concurrent_requests: int = 1024
     request_threads: int = 4
     tensorflow_threads: TensorFlowThreads = field(default_factory=TensorFlowThreads)
@@ -130,6 +134,11 @@ class EmbeddedServer:
             load_retry_interval_seconds=options.load_retry_interval_seconds,
             allow_version_labels_for_unavailable_models=(
                 options.allow_version_labels_for_unavailable_models
+            ),
+            load=version_loader(
+                options.prefer_tflite_model,
+                options.num_tflite_pools,
+                options.num_tflite_interpreters_per_pool,
             ),
         )
         self.service = InferenceService(

@@ -38,6 +38,32 @@ def test_binary_command_forwards_tf_serving_flags():
     assert "--port=8500" in command and "--rest_api_port=8501" in command
 
 
+def test_fidelity_flags_reach_tf_serving_unchanged_and_only_when_set():
+    """--grpc_socket_path, --grpc_channel_arguments, the method-name check and the TFLite
+    flags go to the real server with TF Serving's spelling; unset, they are left out."""
+    command = launcher.binary_command(
+        "tfs",
+        flags(
+            grpc_socket_path="/tmp/tfs.sock",
+            grpc_channel_arguments="grpc.max_connection_age_ms=2000",
+            enable_signature_method_name_check=True,
+            prefer_tflite_model=True,
+            num_tflite_pools=2,
+            num_tflite_interpreters_per_pool=3,
+        ),
+    )
+    assert command[-6:] == [
+        "--grpc_socket_path=/tmp/tfs.sock",
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=2000",
+        "--enable_signature_method_name_check=true",
+        "--prefer_tflite_model=true",
+        "--num_tflite_pools=2",
+        "--num_tflite_interpreters_per_pool=3",
+    ]
+    plain = launcher.binary_command("tfs", flags())
+    assert not any("socket" in a or "tflite" in a or "channel" in a for a in plain)
+
+
 def test_docker_command_mounts_paths_read_only_at_the_same_place(tmp_path):
     command = launcher.docker_command(flags(), [tmp_path, tmp_path / "models"])
     assert command[:3] == ["docker", "run", "--rm"]

@@ -503,3 +503,35 @@ def test_metrics_carry_tf_serving_names_and_bounded_labels(server):
     if server.backend == "embedded":
         assert "made-up-model-name" not in text
         assert 'model_name="<unknown>",status="NOT_FOUND"' in text
+
+
+@pytest.fixture(scope="module")
+def tflite_server(upstream_backend, upstream_models, tmp_path_factory):
+    """upstream's RunServer(..., model_type='tflite'): --prefer_tflite_model=true."""
+    root = tmp_path_factory.mktemp("upstream-tflite")
+    models = {
+        "default": (upstream_models / "saved_model_half_plus_two_tflite", ""),
+        "with_sigdef": (upstream_models / "saved_model_half_plus_two_tflite_with_sigdef", ""),
+    }
+    config = root / "models.config"
+    config.write_text(model_config(models))
+    flags = [f"--model_config_file={config}", "--prefer_tflite_model=true"]
+    server = launch(root, upstream_backend, flags, "tflite")
+    try:
+        for name in models:
+            server.wait_available(name)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_predict_on_tflite(tflite_server):
+    """testPredictOnTfLite: a version directory holding only model.tflite, without
+    SignatureDefs: the generated serving_default takes `x` and answers `y`."""
+    verify_predict(tflite_server.target, 3.0, specify_output=False)
+
+
+def test_predict_with_signature_def_on_tflite(tflite_server):
+    """testPredictWithSignatureDefOnTfLite: the model's stored SignatureDef maps `x` to the
+    interpreter tensor tflite_input."""
+    verify_predict(tflite_server.target, 3.0, model_name="with_sigdef", specify_output=False)
