@@ -535,10 +535,21 @@ def signature_name_of(document: dict) -> str:
 
 
 def float32_json_values(values) -> list:
-    """float32 values as Python floats holding their shortest round-tripping decimal, so that
-    json.dumps writes 0.1 rather than float32's exact double 0.10000000149011612."""
-    array = np.asarray(values, dtype=np.float32)
-    return array.astype(str).astype(np.float64).tolist()
+    """float32 values as the decimals TF Serving writes (json_tensor.cc WriteDecimal): six
+    significant digits when they round-trip through float32, else nine. Returned as Python
+    floats holding exactly those decimals, so json.dumps writes 0.1 (not float32's exact
+    0.10000000149011612) and 0.333333343 for float32(1/3), as TF Serving does."""
+    flat = np.asarray(values, dtype=np.float32)
+    return np.array(
+        [_tf_serving_decimal(value) for value in flat.ravel().tolist()], dtype=np.float64
+    ).reshape(flat.shape).tolist()
+
+
+def _tf_serving_decimal(value: float) -> float:
+    if not math.isfinite(value):
+        return value
+    short = float(f"{value:g}")
+    return short if np.float32(short) == np.float32(value) else float(f"{value:.9g}")
 
 
 # Public names for the other REST codecs (rest_examples).

@@ -641,10 +641,13 @@ def test_columnar_response():
     assert format_predict_response({"s": np.float64(2.5)}, COLUMNAR) == {"outputs": 2.5}
 
 
-def test_float32_outputs_are_written_with_their_shortest_decimal():
+def test_float32_outputs_are_written_with_tf_serving_decimals():
+    """json_tensor.cc WriteDecimal: six significant digits when they round-trip through
+    float32 (0.1, 555557.5 needs seven so gets nine), else nine (float32(1/3) is 0.333333343,
+    not the shortest 0.33333334): a client reading them as doubles sees TF Serving's values."""
     values = np.array([0.1, 0.2, 1 / 3, 1.0, 9000000.0, 3e-05, 555557.5], dtype=np.float32)
     text = json.dumps(format_predict_response({"x": values}, ROW))
-    assert text == ('{"predictions": [0.1, 0.2, 0.33333334, 1.0, 9000000.0, 3e-05, 555557.5]}')
+    assert text == ('{"predictions": [0.1, 0.2, 0.333333343, 1.0, 9000000.0, 3e-05, 555557.5]}')
     assert np.array_equal(np.array(json.loads(text)["predictions"], dtype=np.float32), values)
 
 
