@@ -9,6 +9,7 @@ import math
 import time
 
 import grpc
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -190,8 +191,12 @@ def predict_response(
     (AsProtoField) unless `tensor_content`. The outputs go in through the constructor: filling
     `response.outputs[key]` entry by entry costs twice as much, on every request."""
     encode = to_tensor_proto if tensor_content else to_typed_tensor_proto
+    # The codec builds the client's own TensorProto unless told TensorFlow's class.
     response = predict_pb2.PredictResponse(
-        outputs={key: encode(array) for key, array in result.outputs.items()}
+        outputs={
+            key: encode(array, proto_type=tensor_pb2.TensorProto)
+            for key, array in result.outputs.items()
+        }
     )
     _fill_spec(response.model_spec, result)
     return response
@@ -248,25 +253,24 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @grpc_errors
     async def Classify(self, request, context):
-        result = await self._service.classify(
-            model_ref(request),
-            request.model_spec.signature_name,
-            request.input,
-            deadline=_deadline(context),
+        return await self._answer_task(
+            self._service.classify, classification_pb2.ClassificationResponse, request, context
         )
-        response = classification_pb2.ClassificationResponse(result=result.result)
-        _fill_spec(response.model_spec, result)
-        return response
 
     @grpc_errors
     async def Regress(self, request, context):
-        result = await self._service.regress(
+        return await self._answer_task(
+            self._service.regress, regression_pb2.RegressionResponse, request, context
+        )
+
+    async def _answer_task(self, run, response_type, request, context):
+        result = await run(
             model_ref(request),
             request.model_spec.signature_name,
             request.input,
             deadline=_deadline(context),
         )
-        response = regression_pb2.RegressionResponse(result=result.result)
+        response = response_type(result=result.result)
         _fill_spec(response.model_spec, result)
         return response
 

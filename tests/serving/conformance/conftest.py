@@ -6,12 +6,14 @@ Every server fixture is parametrised over backends: the embedded server always, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +188,23 @@ def launch(tmp_path: Path, backend: str, flags: list[str], name: str) -> Server:
     server = Server.launch(flags, tmp_path / f"{name}.log", program=program)
     server.backend = backend
     return server
+
+
+@contextlib.contextmanager
+def serving(
+    root: Path, backend: str, models: dict[str, tuple[Path, str]], flags=(), name="server"
+) -> Iterator[Server]:
+    """A server of `models` (name -> (base path, extra config)) until the block ends, every
+    model AVAILABLE before it starts."""
+    config = root / f"{name}.config"
+    config.write_text(model_config(models))
+    server = launch(root, backend, [f"--model_config_file={config}", *flags], name)
+    try:
+        for model in models:
+            server.wait_available(model)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

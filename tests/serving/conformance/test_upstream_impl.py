@@ -20,7 +20,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tests.serving.conformance.conftest import launch, model_config
+from tests.serving.conformance.conftest import serving
 from tests.serving.conformance.test_upstream_model_server import RPC_TIMEOUT
 
 pytestmark = pytest.mark.slow
@@ -42,17 +42,9 @@ MODELS = {
 @pytest.fixture(scope="module")
 def server(upstream_backend, upstream_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("upstream-impl")
-    config = root / "models.config"
-    config.write_text(
-        model_config({name: (upstream_models / d, x) for name, (d, x) in MODELS.items()})
-    )
-    server = launch(root, upstream_backend, [f"--model_config_file={config}"], "impl")
-    try:
-        for name in MODELS:
-            server.wait_available(name)
+    models = {name: (upstream_models / d, x) for name, (d, x) in MODELS.items()}
+    with serving(root, upstream_backend, models, name="impl") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def stub(server):

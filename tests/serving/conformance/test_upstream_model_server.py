@@ -30,7 +30,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.serving.conformance import upstream_exports
-from tests.serving.conformance.conftest import Server, launch, model_config
+from tests.serving.conformance.conftest import Server, launch, model_config, serving
 
 pytestmark = pytest.mark.slow
 
@@ -50,29 +50,16 @@ MODELS = {
 def server(upstream_backend, upstream_models, tmp_path_factory):
     """One server with the upstream test models, started the way upstream's RunServer does."""
     root = tmp_path_factory.mktemp("upstream-server")
-    config = root / "models.config"
-    config.write_text(
-        model_config({name: (upstream_models / d, x) for name, (d, x) in MODELS.items()})
-    )
-    server = launch(
-        root,
-        upstream_backend,
-        [
-            f"--model_config_file={config}",
-            "--rest_api_timeout_in_ms=5000",
-            f"--grpc_socket_path={root / 'tf-serving.sock'}",
-            f"--grpc_channel_arguments={CHANNEL_ARGUMENTS}",
-            f"--monitoring_config_file={upstream_models / 'monitoring_config.txt'}",
-        ],
-        "server",
-    )
-    server.socket_path = root / "tf-serving.sock"
-    try:
-        for name in MODELS:
-            server.wait_available(name)
+    models = {name: (upstream_models / d, x) for name, (d, x) in MODELS.items()}
+    flags = [
+        "--rest_api_timeout_in_ms=5000",
+        f"--grpc_socket_path={root / 'tf-serving.sock'}",
+        f"--grpc_channel_arguments={CHANNEL_ARGUMENTS}",
+        f"--monitoring_config_file={upstream_models / 'monitoring_config.txt'}",
+    ]
+    with serving(root, upstream_backend, models, flags) as server:
+        server.socket_path = root / "tf-serving.sock"
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -262,33 +249,31 @@ def one_model_config(path: Path, name: str, model_path: Path) -> None:
     path.write_text(model_config({name: (model_path, "")}))
 
 
-def test_model_config_reload(start, upstream_models, tmp_path):
-    """testModelConfigReload: with a 1 s poll, a rewritten config is served (upstream sleeps
-    10 s; here the test polls for the new model for up to 60 s)."""
+def half_plus_two_then_three(start, upstream_models, tmp_path, poll_seconds: int) -> Server:
+    """Upstream's reload cases: serve half_plus_two from a config polled every `poll_seconds`,
+    check it, then rewrite the config to serve half_plus_three instead."""
     config = tmp_path / "model_config.txt"
     one_model_config(config, "half_plus_two", upstream_models / "saved_model_half_plus_two_cpu")
     server = start(
-        [f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=1"],
+        [f"--model_config_file={config}", f"--model_config_file_poll_wait_seconds={poll_seconds}"],
         wait_for="half_plus_two",
     )
     verify_predict(server.target, 3.0, model_name="half_plus_two", specify_output=False)
-
     one_model_config(config, "half_plus_three", upstream_models / "saved_model_half_plus_three")
+    return server
+
+
+def test_model_config_reload(start, upstream_models, tmp_path):
+    """testModelConfigReload: with a 1 s poll, a rewritten config is served (upstream sleeps
+    10 s; here the test polls for the new model for up to 60 s)."""
+    server = half_plus_two_then_three(start, upstream_models, tmp_path, poll_seconds=1)
     server.wait_available("half_plus_three", timeout=60)
     verify_predict(server.target, 4.0, model_name="half_plus_three", specify_output=False)
 
 
 def test_model_config_reload_with_zero_poll_period(start, upstream_models, tmp_path):
     """testModelConfigReloadWithZeroPollPeriod: poll period 0 never re-reads the config."""
-    config = tmp_path / "model_config.txt"
-    one_model_config(config, "half_plus_two", upstream_models / "saved_model_half_plus_two_cpu")
-    server = start(
-        [f"--model_config_file={config}", "--model_config_file_poll_wait_seconds=0"],
-        wait_for="half_plus_two",
-    )
-    verify_predict(server.target, 3.0, model_name="half_plus_two", specify_output=False)
-
-    one_model_config(config, "half_plus_three", upstream_models / "saved_model_half_plus_three")
+    server = half_plus_two_then_three(start, upstream_models, tmp_path, poll_seconds=0)
     time.sleep(2)  # upstream's poll_period + 1: long enough for a poll that must not happen
     verify_predict(server.target, 3.0, model_name="half_plus_two", specify_output=False)
 
@@ -368,7 +353,7 @@ def test_prometheus_endpoint(server):
 
 @pytest.fixture(scope="module")
 def tensorflow_exports(upstream_backend, tmp_path_factory):
-    """A server over the four models upstream's cases build with TensorFlow itself."""
+    """A server over the models upstream's cases build with TensorFlow itself."""
     root = tmp_path_factory.mktemp("upstream-exports")
     subprocess.run(
         [sys.executable, "-m", "tests.serving.conformance.upstream_exports", str(root)],
@@ -376,15 +361,9 @@ def tensorflow_exports(upstream_backend, tmp_path_factory):
         capture_output=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
     )
-    config = root / "models.config"
-    config.write_text(model_config({name: (root / name, "") for name in upstream_exports.MODELS}))
-    server = launch(root, upstream_backend, [f"--model_config_file={config}"], "exports")
-    try:
-        for name in upstream_exports.MODELS:
-            server.wait_available(name)
+    models = {name: (root / name, "") for name in upstream_exports.MODELS}
+    with serving(root, upstream_backend, models, name="exports") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_tf_saved_model_save(tensorflow_exports):
@@ -508,21 +487,15 @@ def test_metrics_carry_tf_serving_names_and_bounded_labels(server):
 @pytest.fixture(scope="module")
 def tflite_server(upstream_backend, upstream_models, tmp_path_factory):
     """upstream's RunServer(..., model_type='tflite'): --prefer_tflite_model=true."""
-    root = tmp_path_factory.mktemp("upstream-tflite")
     models = {
         "default": (upstream_models / "saved_model_half_plus_two_tflite", ""),
         "with_sigdef": (upstream_models / "saved_model_half_plus_two_tflite_with_sigdef", ""),
     }
-    config = root / "models.config"
-    config.write_text(model_config(models))
-    flags = [f"--model_config_file={config}", "--prefer_tflite_model=true"]
-    server = launch(root, upstream_backend, flags, "tflite")
-    try:
-        for name in models:
-            server.wait_available(name)
+    root = tmp_path_factory.mktemp("upstream-tflite")
+    with serving(
+        root, upstream_backend, models, ["--prefer_tflite_model=true"], "tflite"
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_predict_on_tflite(tflite_server):

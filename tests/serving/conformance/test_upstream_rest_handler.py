@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.serving.conformance.conftest import launch, model_config
+from tests.serving.conformance.conftest import serving
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +38,12 @@ STATUS_123 = {
 @pytest.fixture(scope="module")
 def server(upstream_backend, upstream_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("upstream-rest")
-    config = root / "models.config"
-    config.write_text(model_config({MODEL: (upstream_models / MODEL, POLICY)}))
     # Upstream assigns the label by a reload once 123 is AVAILABLE; a label in the initial
     # config needs this flag, in TF Serving as here.
-    flags = [f"--model_config_file={config}", "--allow_version_labels_for_unavailable_models"]
-    server = launch(root, upstream_backend, flags, "rest")
-    try:
-        server.wait_available(MODEL)
+    flags = ["--allow_version_labels_for_unavailable_models"]
+    models = {MODEL: (upstream_models / MODEL, POLICY)}
+    with serving(root, upstream_backend, models, flags, "rest") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def post(server, path: str, body: str):
