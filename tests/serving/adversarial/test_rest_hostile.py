@@ -7,6 +7,7 @@ or a closed connection, never a hang."""
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 
@@ -29,7 +30,8 @@ CLOSED = "CLOSED"  # the server closed the connection without an answer
 CLIENT_ERRORS = frozenset({200, 400, 404, 405, 408, 413, 414, 431, 501})
 FRAMING = CLIENT_ERRORS | {CLOSED}
 JSON_KEYS = ["instances", "inputs", "signature_name", "b64", "examples", "context", "images"]
-VERBS = [":predict", ":classify", ":regress", "/metadata", "", ":bogus"]
+# Weighted towards the model's predict endpoint, so that most bodies reach its decoder.
+VERBS = [":predict", ":predict", ":predict", ":classify", ":regress", "/metadata", "", ":bogus"]
 
 json_leaves = st.one_of(
     st.none(),
@@ -51,9 +53,18 @@ json_values = st.recursive(
 @st.composite
 def json_bodies(draw) -> bytes:
     """A predict/classify/regress body: mostly shaped like one, with anything inside."""
-    shape = draw(st.sampled_from(["instances", "inputs", "examples", "signature", "bare"]))
+    shapes = ["instances", "inputs", "examples", "signature", "bare", "image", "image_bytes"]
+    shape = draw(st.sampled_from(shapes))
     value = draw(json_values)
-    if shape == "bare":
+    if shape == "image":  # one image of the right shape, every pixel the same random value
+        body = {"instances": [[[[value]] * 28] * 28]}
+    elif shape == "image_bytes":
+        encoded = draw(st.one_of(st.binary(max_size=200).map(base64.b64encode), st.binary()))
+        body = {
+            "signature_name": "predict_image_bytes",
+            "instances": [{"b64": encoded.decode("latin-1")}],
+        }
+    elif shape == "bare":
         body = value
     elif shape == "signature":
         body = {"signature_name": draw(st.text(max_size=30)), "instances": value}
@@ -76,6 +87,8 @@ names = st.one_of(
     st.just(MODEL), st.text(st.characters(codec="ascii", exclude_characters="/?#"), max_size=30)
 )
 versions = st.one_of(
+    st.just(""),
+    st.just(""),
     st.just(""),
     st.integers(-(2**64), 2**64).map(lambda v: f"/versions/{v}"),
     st.just("/versions/" + "9" * 5000),
