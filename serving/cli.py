@@ -184,6 +184,14 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="most a Predict request's tensors may make the server allocate, refused before "
         "allocating (a few bytes of TensorProto can declare petabytes of zeros)",
     )
+    parser.flag(
+        "max_request_fill_bytes",
+        type=whole_number(0),
+        default=1024 * 1024,
+        metavar="BYTES",
+        help="most a Predict request's tensors may declare beyond what they send (TensorFlow "
+        "fills the rest with the last value or zeros; default 1 MiB)",
+    )
     parser.switch(
         "response_tensor_content",
         help="answer Predict outputs as raw tensor_content bytes instead of the typed fields "
@@ -384,6 +392,7 @@ def server_options(args):
         grpc_channel_arguments=args.grpc_channel_arguments,
         signature_method_name_check=args.enable_signature_method_name_check,
         max_request_tensor_bytes=args.max_request_tensor_bytes,
+        max_request_fill_bytes=args.max_request_fill_bytes,
         response_tensor_content=args.response_tensor_content,
         prefer_tflite_model=args.prefer_tflite_model,
         num_tflite_pools=args.num_tflite_pools,

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 SIGNATURE_DEF_FIELD = "signature_def"
 # What one request's tensors may make the server allocate (--max_request_tensor_bytes).
 DEFAULT_MAX_REQUEST_TENSOR_BYTES = 256 * 1024 * 1024
+# ... and how much of that the server may make up from repeated or missing values.
+DEFAULT_MAX_REQUEST_FILL_BYTES = 1024 * 1024
 
 
 def model_ref(request) -> ModelRef:
@@ -161,19 +163,30 @@ def _declared_bytes(key: str, proto) -> int:
     return math.prod(dims) * itemsize
 
 
-def tensor_decoder(max_bytes: int):
+def tensor_decoder(max_bytes: int, max_fill_bytes: int = DEFAULT_MAX_REQUEST_FILL_BYTES):
     """Decode a request's TensorProtos, refusing before allocating any request whose declared
-    shapes add up to more than `max_bytes` (a few bytes can declare petabytes of zeros)."""
+    shapes add up to more than `max_bytes` (a few bytes can declare petabytes of zeros), or
+    that would have the server fill more than `max_fill_bytes` beyond what it sent (TensorFlow
+    repeats the last typed value, or zeros, up to the shape: 50 bytes can declare a batch of
+    85,000 images that the model then runs)."""
 
     def decode(protos) -> dict:
-        total = 0
+        total = filled = 0
         inputs = {}
         for key in sorted(protos):
-            total += _declared_bytes(key, protos[key])
+            declared = _declared_bytes(key, protos[key])
+            total += declared
+            filled += max(0, declared - protos[key].ByteSize())
             if total > max_bytes:
                 raise InvalidArgument(
                     f"tensor parsing error: {key} (the request's tensors declare {total} bytes; "
                     f"the server takes at most {max_bytes}, --max_request_tensor_bytes)"
+                )
+            if filled > max_fill_bytes:
+                raise InvalidArgument(
+                    f"tensor parsing error: {key} (the request's tensors declare {filled} bytes "
+                    f"more than they send; the server fills at most {max_fill_bytes}, "
+                    "--max_request_fill_bytes)"
                 )
             try:
                 inputs[key] = to_ndarray(protos[key])
@@ -214,10 +227,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         service: InferenceService,
         *,
         max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES,
+        max_request_fill_bytes: int = DEFAULT_MAX_REQUEST_FILL_BYTES,
         tensor_content_responses: bool = False,
     ) -> None:
         self._service = service
-        self._decode = tensor_decoder(max_request_tensor_bytes)
+        self._decode = tensor_decoder(max_request_tensor_bytes, max_request_fill_bytes)
         self._tensor_content = tensor_content_responses
 
     @grpc_errors

@@ -21,6 +21,7 @@ from convstack.serving import kernels
 from convstack.serving.batching import BatchingParameters
 from convstack.serving.errors import FailedPrecondition
 from convstack.serving.grpc_api import (
+    DEFAULT_MAX_REQUEST_FILL_BYTES,
     DEFAULT_MAX_REQUEST_TENSOR_BYTES,
     ModelServicer,
     ParseFailuresAsInternal,
@@ -107,6 +108,7 @@ class ServerOptions:
     grpc_channel_arguments: list[tuple[str, int | str]] = field(default_factory=list)
     signature_method_name_check: bool = False
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
+    max_request_fill_bytes: int = DEFAULT_MAX_REQUEST_FILL_BYTES
     response_tensor_content: bool = False
     prefer_tflite_model: bool = False  # serve <version>/model.tflite where there is one
     num_tflite_pools: int = 1
@@ -199,6 +201,7 @@ class EmbeddedServer:
         predictions = PredictionServicer(
             self.service,
             max_request_tensor_bytes=self.options.max_request_tensor_bytes,
+            max_request_fill_bytes=self.options.max_request_fill_bytes,
             tensor_content_responses=self.options.response_tensor_content,
         )
         # Bytes that do not parse answer INTERNAL, as TF Serving's C++ server does.

@@ -197,17 +197,57 @@ def test_custom_model_config_is_unsupported():
         mc.validate_model_config(config)
 
 
-def test_valid_edge_cases():
-    # An empty config (no models), a URI base path, `latest {}` (TF Serving reads 0 as 1), the
-    # deprecated model_type TENSORFLOW, and labels under `latest` (checked only when loading).
-    mc.validate_model_config(mc.ModelServerConfig())
-    mc.validate_model_config(
-        _with(
-            'config { name: "a" base_path: "gs://bucket/a" model_platform: "tensorflow" '
-            'model_version_policy { latest { } } version_labels { key: "stable" value: 9 } }'
-            'config { name: "b" base_path: "/m/b" model_type: TENSORFLOW }'
-        )
+# Each edge case TF Serving accepts, next to its nearest variant that it refuses: a validator
+# that accepted everything (or refused the edge) fails one side of the pair.
+EDGE_CASES = [
+    (
+        'config { name: "a" base_path: "gs://bucket/a" model_platform: "tensorflow" }',
+        'config { name: "a" base_path: "bucket/a" model_platform: "tensorflow" }',
+        "absolute path or URI",
+    ),
+    (
+        'config { name: "b" base_path: "/m/b" model_type: TENSORFLOW }',
+        'config { name: "b" base_path: "/m/b" model_type: TENSORFLOW '
+        'model_platform: "tensorflow" }',
+        "sets both model_type (deprecated) and model_platform",
+    ),
+    (
+        # Under `latest` a label may point at any version: only loading can tell.
+        'config { name: "c" base_path: "/m/c" model_platform: "tensorflow" '
+        'model_version_policy { latest { } } version_labels { key: "stable" value: 9 } }',
+        'config { name: "c" base_path: "/m/c" model_platform: "tensorflow" '
+        'model_version_policy { specific { versions: 1 } } '
+        'version_labels { key: "stable" value: 9 } }',
+        "label 'stable' points at version 9, which is not among the specific versions [1]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("accepted", "refused", "reason"), EDGE_CASES)
+def test_valid_edge_cases_pass_and_their_near_misses_do_not(accepted, refused, reason):
+    mc.validate_model_config(_with(accepted))
+    with pytest.raises(mc.ModelConfigError) as caught:
+        mc.validate_model_config(_with(refused))
+    assert reason in str(caught.value)
+
+
+def test_an_empty_config_is_valid_and_serves_nothing():
+    config = mc.ModelServerConfig()
+    mc.validate_model_config(config)
+    assert list(config.model_config_list.config) == []
+
+
+def test_latest_without_a_count_serves_one_version():
+    """`latest {}` has num_versions 0, which TF Serving reads as 1."""
+    from convstack.serving.version_policy import aspired_versions
+
+    config = _with(
+        'config { name: "a" base_path: "/m/a" model_platform: "tensorflow" '
+        "model_version_policy { latest { } } }"
     )
+    mc.validate_model_config(config)
+    policy = config.model_config_list.config[0].model_version_policy
+    assert aspired_versions([1, 3, 2], policy) == {3}
 
 
 def test_set_version_policy_returns_a_modified_copy():
