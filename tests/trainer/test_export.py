@@ -205,22 +205,34 @@ def test_reload_that_differs_from_the_model_fails_verification(model, tmp_path, 
 
 
 @pytest.mark.parametrize(
-    ("module", "name", "error"),
+    ("module", "name", "error", "expected", "message"),
     [
-        (tflite_export, "convert_int8", ExportError("TFLite int8 conversion failed")),
-        (model_card, "write_model_card", OSError("disk full")),
-        (export, "_before_rename", KeyboardInterrupt()),
+        (
+            tflite_export,
+            "convert_int8",
+            ExportError("TFLite int8 conversion failed"),
+            ExportError,
+            "TFLite int8 conversion failed",
+        ),
+        (model_card, "write_model_card", OSError("disk full"), ExportError, "disk full"),
+        (export, "_before_rename", KeyboardInterrupt(), KeyboardInterrupt, ""),
     ],
+    ids=["tflite", "model-card", "interrupt"],
 )
 def test_failure_in_any_step_removes_the_temp_dir(
-    model, tmp_path, monkeypatch, module, name, error
+    model, tmp_path, monkeypatch, module, name, error, expected, message
 ):
+    """Each step's failure reaches the caller as what it is (an I/O error as ExportError
+    naming it, an interrupt as itself), and no step leaves its temporary directory."""
+
     def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(module, name, fail)
-    with pytest.raises((ExportError, KeyboardInterrupt)):
+    with pytest.raises(expected) as caught:
         export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=True)
+    assert type(caught.value) is expected
+    assert message in str(caught.value)
 
     assert _leftovers(tmp_path / "tiny") == []
 

@@ -95,3 +95,31 @@ def test_steps_compile_once_and_loss_decreases():
     # The last epoch's training loss is on the same scale as the evaluated mean loss.
     assert totals.mean_loss < before.mean_loss
     assert trainer.trace_counts == {"train": 1, "eval": 1}
+
+
+@pytest.mark.gpu
+def test_one_step_on_every_visible_gpu_equals_one_replica():
+    """The replica-equivalence rule on real GPUs: one MirroredStrategy step over every visible
+    GPU (global batch split between them) moves the weights as one replica does. Where no GPU
+    is visible the test is skipped, saying so; it runs wherever `make test` sees GPUs."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if not gpus:
+        pytest.skip("no GPU visible to TensorFlow (tf.config.list_logical_devices('GPU') is empty)")
+    devices = tuple(device.name for device in gpus)
+    on_gpus = StrategySetup(
+        tf.distribute.MirroredStrategy(devices=list(devices)),
+        "MirroredStrategy",
+        len(devices),
+        WorkerRole(),
+        devices,
+        True,
+    )
+    config = tiny_config(optimizer="sgd", batch_size=8 * len(devices))
+    initial = DistributedTrainer(mirrored(1), config, IMAGE_SHAPE, NUM_CLASSES).model.get_weights()
+    batch = global_batch(config.batch_size, seed=2)
+
+    after_one = one_step(mirrored(1), config, initial, batch)
+    after_gpus = one_step(on_gpus, config, initial, batch)
+
+    for one, gpu in zip(after_one, after_gpus, strict=True):
+        np.testing.assert_allclose(gpu, one, atol=1e-4)  # GPU kernels round differently
