@@ -1,8 +1,10 @@
 """`convstack rollout VERB --model NAME --store STORE [--servers T,...]`.
 
 Verbs: status, canary VERSION, promote, rollback [--to VERSION], run VERSION, retire --keep N
-[--yes]. Exit status: 0 done, 1 a gate failed or the rollout stopped (the model is left as
-the output says), 2 bad input (unknown store, version or model; a verb that does not apply).
+[--yes]. Exit status: 0 done (or nothing left to do: `run VERSION` again once VERSION is
+stable), 1 a gate failed or the rollout stopped (a server unreachable, a config that does not
+parse...; the model is left as the output says), 2 bad input (unknown store, version or model;
+a verb that does not apply).
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def run_verb(rollout: Rollout, args: argparse.Namespace) -> int:
         outcome = rollout.promote()
     else:
         outcome = rollout.rollback(args.to)
-    if not outcome.ok:
+    if outcome.detail:
         print(f"rollout {args.verb}: {outcome.detail}")
     labels = ", ".join(f"{k}={v}" for k, v in sorted(outcome.after.labels.items()))
     print(f"{args.model}: {labels or 'no labels'}; loaded {sorted(outcome.after.versions)}")

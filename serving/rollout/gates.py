@@ -107,6 +107,13 @@ class TrafficStats:
     errors: list[str] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)
     versions: set[int] = field(default_factory=set)
+    # (target, gRPC code) of each failed call, for telling a dead replica from a bad version.
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def unanswered_targets(self) -> set[str]:
+        """Servers with calls that failed without an answer (UNAVAILABLE: nothing listening,
+        a connection reset); their reachability decides whose fault those calls were."""
+        return {target for target, code in self.failures if code == "UNAVAILABLE"}
 
     @property
     def accuracy(self) -> float:
@@ -233,6 +240,7 @@ def _one_call(client: PredictionClient, image: np.ndarray, label: int, stats: Tr
     except PredictionError as error:
         stats.calls += 1
         stats.errors.append(f"{client.target}: {error}")
+        stats.failures.append((client.target, error.code))
         return
     stats.latencies_ms.append((time.perf_counter() - started) * 1000.0)
     stats.calls += 1

@@ -2,6 +2,11 @@
 versions (who, when, what, from, to, gate results), in `<base_path>/rollout_history.jsonl`
 next to the version directories (TF Serving ignores names that are not all digits).
 
+Two kinds of record: a verb's (`action` canary, promote, run... with its outcome, ok or
+failed), and a config write's (with a `step`: load, label or unload), written twice: outcome
+`intent` before the write and `written` (or `not-written`) after it. A write whose intent has
+no outcome was interrupted; the config shows whether it happened.
+
 Lines are appended with O_APPEND under an flock and fsynced, so concurrent rollouts on one
 machine never interleave or lose a record; nothing ever rewrites the file.
 """
@@ -49,8 +54,11 @@ def make_record(
     after: Mapping,
     gates: list[Mapping[str, Any]] | None = None,
     detail: str = "",
+    step: str | None = None,
 ) -> dict[str, Any]:
-    """One history entry: `before`/`after` are {"versions": [...], "labels": {...}}."""
+    """One history entry: `before`/`after` are {"versions": [...], "labels": {...}}; `step`
+    names the config write of a step record."""
+    step_field = {"step": step} if step is not None else {}
     return {
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "who": who(),
@@ -62,7 +70,13 @@ def make_record(
         "to": dict(after),
         "gates": list(gates or []),
         "detail": detail,
+        **step_field,
     }
+
+
+def verb_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The verbs' records among `records` (the config writes' step records left out)."""
+    return [record for record in records if "step" not in record]
 
 
 def append_record(model_repository: str | os.PathLike, record: Mapping[str, Any]) -> Path:

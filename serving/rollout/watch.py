@@ -21,10 +21,24 @@ log = logging.getLogger(__name__)
 DNS_SCHEME = "dns:///"
 CALL_TIMEOUT_SECONDS = 10.0
 POLL_SECONDS = 0.25
+# A reachability probe: long enough for a loaded server to answer GetModelStatus, short
+# enough that a refusal over several replicas comes back within seconds.
+PROBE_TIMEOUT_SECONDS = 5.0
+# The codes of a probe that never reached a server answering calls (refused, no route, hung).
+UNREACHABLE_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class WatchError(RuntimeError):
     """The servers did not reach a step; one line naming the server and what it reports."""
+
+
+class ReplicaUnreachableError(WatchError):
+    """A replica does not answer at all (nothing listens, it is down or hung): an
+    infrastructure fault, never a verdict on a version. `.targets` names the replicas."""
+
+    def __init__(self, message: str, targets: Sequence[str]) -> None:
+        super().__init__(message)
+        self.targets = list(targets)
 
 
 class VersionFailedError(WatchError):
@@ -110,6 +124,30 @@ def observe(target: str, model: str, labels: Iterable[str] = ()) -> ReplicaView:
         # A replica restarting between the two calls: behind for now, not a crash.
         view.error = str(error)
     return view
+
+
+def unreachable_reason(target: str, model: str) -> str | None:
+    """Why `target` cannot be reached (the probe's error), or None when it answers
+    GetModelStatus, whatever it says about `model` (NOT_FOUND is an answer)."""
+    with PredictionClient(target, model, timeout=PROBE_TIMEOUT_SECONDS, retries=0) as client:
+        try:
+            client.status()
+        except PredictionError as error:
+            if error.code in UNREACHABLE_CODES:
+                return str(error).splitlines()[0]
+    return None
+
+
+def check_reachable(servers: Sequence[str], model: str) -> list[str]:
+    """The expanded targets, after probing each one; ReplicaUnreachableError naming every
+    replica that does not answer (one line)."""
+    targets = expand_targets(servers)
+    reasons = {target: unreachable_reason(target, model) for target in targets}
+    down = {target: reason for target, reason in reasons.items() if reason}
+    if down:
+        named = "; ".join(f"replica {target} unreachable ({why})" for target, why in down.items())
+        raise ReplicaUnreachableError(named, list(down))
+    return targets
 
 
 def resolved_label(target: str, model: str, label: str) -> int | None:

@@ -28,7 +28,7 @@ from convstack.serving.rollout.controller import (
     RolloutSettings,
 )
 from convstack.serving.rollout.gates import GateSettings, GoldenSet
-from convstack.serving.rollout.history import read_history
+from convstack.serving.rollout.history import read_history, verb_records
 from convstack.serving.rollout.plan import ModelState
 from convstack.serving.rollout.store import FileStore, update_config
 from convstack.serving.rollout.watch import wait_for_state
@@ -105,6 +105,11 @@ def make_rollout(replicas: Replicas, cls=Rollout, **gates) -> Rollout:
 @pytest.fixture
 def replicas(tmp_path) -> Iterator[Replicas]:
     """Versions 1 and 2 on disk, served by `latest` at first, on two replicas."""
+    yield from start_replicas(tmp_path)
+
+
+def start_replicas(tmp_path: Path) -> Iterator[Replicas]:
+    """The `replicas` fixture's body, for other rollout test modules."""
     model_dir = helpers.make_model_dir(tmp_path / "models", versions=(1, 2))
     config_path = tmp_path / "models.config"
     model_config.write_model_config(config_path, helpers.config_for(model_dir))
@@ -165,7 +170,7 @@ def test_first_rollout_canary_promote_and_rollback_on_every_replica(replicas):
             states = {s["version"]: s["state"] for s in client.status()}
         assert states == {1: "AVAILABLE", 2: "END"}
 
-    history = read_history(replicas.model_dir)
+    history = verb_records(read_history(replicas.model_dir))
     assert [r["action"] for r in history] == ["first-rollout", "canary", "promote", "rollback"]
     assert all(r["outcome"] == "ok" for r in history)
     assert history[1]["from"]["labels"] == {"stable": 1}
