@@ -14,7 +14,7 @@ MODELS_CONFIG := models.config
 TARGET ?= localhost:8500
 
 .PHONY: setup demo train serve rollout predict test lint format bench bench-train bench-serve \
-	k8s-render clean
+	k8s-render protos clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	cp pyproject.toml $(STAMP)
 
 # The main job: train on the bundled digits with 2 replicas, export version 1, serve it with
@@ -86,6 +86,16 @@ bench-serve: setup
 # Render and validate every Kustomize overlay into build/k8s/OVERLAY.yaml.
 k8s-render: setup
 	$(BIN)/python -m convstack.k8s.render --all --out-dir build/k8s
+
+# The client's wire messages: client/wire/*.proto -> the committed client/wire/*_pb2.py. protoc
+# names each file by its import path, convstack/client/wire/X.proto, hence the staging folder.
+PROTO_STAGE := build/protos
+protos: setup
+	rm -rf $(PROTO_STAGE) && mkdir -p $(PROTO_STAGE)/convstack/client/wire
+	cp client/wire/*.proto $(PROTO_STAGE)/convstack/client/wire/
+	cd $(PROTO_STAGE) && $(CURDIR)/$(BIN)/python -m grpc_tools.protoc -I . --python_out=. \
+		convstack/client/wire/*.proto
+	cp $(PROTO_STAGE)/convstack/client/wire/*_pb2.py client/wire/
 
 clean:
 	rm -rf build bench-results

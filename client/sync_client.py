@@ -142,10 +142,7 @@ class ClientCore:
 
     def read_metadata(self, route: Route, response) -> dict[str, SignatureSpec]:
         """Parse a GetModelMetadataResponse and cache its signatures for `route`."""
-        signature_map = protos.get_model_metadata_pb2.SignatureDefMap()
-        if not response.metadata[SIGNATURE_DEF].Unpack(signature_map):
-            raise PredictionError("INTERNAL", "GetModelMetadata answered without signature_def")
-        specs = parse_signature_def_map(signature_map)
+        specs = parse_signature_def_map(signature_def_map(response))
         self.signatures[route] = specs
         return specs
 
@@ -244,19 +241,42 @@ def concatenate(pieces: Sequence[Prediction]) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p.outputs[key] for p in pieces]) for key in pieces[0].outputs}
 
 
+def signature_def_map(response):
+    """The SignatureDefMap in a GetModelMetadataResponse (INTERNAL if there is none).
+
+    The Any's type_url names TF Serving's `tensorflow.serving.SignatureDefMap`, so Any.Unpack
+    into ours (another full name) would refuse it; the bytes are the same message.
+    """
+    signature_map = protos.get_model_metadata_pb2.SignatureDefMap()
+    packed = response.metadata.get(SIGNATURE_DEF)
+    if packed is None or not packed.type_url.endswith("/tensorflow.serving.SignatureDefMap"):
+        raise PredictionError("INTERNAL", "GetModelMetadata answered without signature_def")
+    signature_map.ParseFromString(packed.value)
+    return signature_map
+
+
 def parse_model_server_config(config):
-    """A ModelServerConfig from itself or its text format (INVALID_ARGUMENT if malformed)."""
+    """A ModelServerConfig from itself (ours or TF Serving's) or its text format
+    (INVALID_ARGUMENT if malformed)."""
     from google.protobuf import text_format
 
     message_type = protos.model_server_config_pb2.ModelServerConfig
     if isinstance(config, message_type):
         return config
+    if _is_tf_serving_config(config):
+        # TF Serving's class (e.g. from the rollout's store): the same bytes as ours.
+        return message_type.FromString(config.SerializeToString())
     if not isinstance(config, str):
         raise TypeError(f"config must be a ModelServerConfig or its text, got {type(config)}")
     try:
         return text_format.Parse(config, message_type())
     except text_format.ParseError as exc:
         raise invalid_argument(f"not a ModelServerConfig text proto: {exc}") from None
+
+
+def _is_tf_serving_config(config) -> bool:
+    descriptor = getattr(config, "DESCRIPTOR", None)
+    return getattr(descriptor, "full_name", None) == "tensorflow.serving.ModelServerConfig"
 
 
 def version_statuses(response) -> list[dict]:

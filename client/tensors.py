@@ -12,6 +12,10 @@ Strings: pass bytes/str, lists of them or object arrays. numpy's fixed-width `S`
 already lost trailing NUL bytes before they get here; lists are converted to object arrays so
 that they keep theirs.
 
+Every function takes TensorFlow's own TensorProto as well as the client's (convstack.client.wire,
+the same bytes on the wire): decoding reads fields by name, and encoding builds `proto_type`
+(the server passes TensorFlow's class, its responses are TF Serving's messages).
+
 Big-endian hosts are not supported: `tensor_content` is little-endian on the wire and this module
 never byte-swaps on decode, so importing it there raises ImportError.
 
@@ -25,7 +29,7 @@ import sys
 
 import numpy as np
 
-from convstack.client._protos import tensor_pb2, tensor_shape_pb2, types_pb2
+from convstack.client._protos import tensor_pb2, types_pb2
 
 try:  # an optional dependency of the client, always present next to TensorFlow
     import ml_dtypes
@@ -45,7 +49,6 @@ __all__ = [
 ]
 
 TensorProto = tensor_pb2.TensorProto
-_TensorShapeProto = tensor_shape_pb2.TensorShapeProto
 
 _STRING_DTYPE = np.dtype(object)
 
@@ -102,8 +105,9 @@ _COMPLEX_PARTS = {
 # Shapes repeat from call to call (same batch size, same image size), and building a
 # TensorShapeProto or reading its dims back costs as much as copying a small batch, so both
 # directions keep a small cache. Cleared wholesale when full: bounded memory, no LRU bookkeeping.
+# Keyed by the shape's message class too: CopyFrom needs the class of the proto being filled.
 _CACHE_LIMIT = 512
-_SHAPE_PROTOS: dict[tuple[int, ...], _TensorShapeProto] = {}
+_SHAPE_PROTOS: dict[tuple[type, tuple[int, ...]], object] = {}
 _SHAPE_TUPLES: dict[bytes, tuple[int, ...]] = {}
 
 
@@ -112,14 +116,18 @@ def dtype_name(enum: int) -> str:
     return types_pb2.DataType.Name(enum)
 
 
-def _shape_proto(shape: tuple[int, ...]) -> _TensorShapeProto:
-    proto = _SHAPE_PROTOS.get(shape)
-    if proto is None:
-        proto = _TensorShapeProto(dim=[_TensorShapeProto.Dim(size=n) for n in shape])
+def _set_shape(proto, shape: tuple[int, ...]) -> None:
+    target = proto.tensor_shape
+    key = (type(target), shape)
+    cached = _SHAPE_PROTOS.get(key)
+    if cached is None:
+        cached = type(target)()
+        for size in shape:
+            cached.dim.add(size=size)
         if len(_SHAPE_PROTOS) >= _CACHE_LIMIT:
             _SHAPE_PROTOS.clear()
-        _SHAPE_PROTOS[shape] = proto
-    return proto
+        _SHAPE_PROTOS[key] = cached
+    target.CopyFrom(cached)
 
 
 def _to_bytes(value) -> bytes:
@@ -144,7 +152,7 @@ def _as_array(value, dtype) -> np.ndarray:
     return array
 
 
-def _string_proto(array: np.ndarray) -> TensorProto:
+def _string_proto(array: np.ndarray, proto_type: type) -> TensorProto:
     flat = array.ravel().tolist()
     kind = array.dtype.kind
     if kind == "U":
@@ -153,13 +161,13 @@ def _string_proto(array: np.ndarray) -> TensorProto:
         values = flat
     else:
         values = [item if type(item) is bytes else _to_bytes(item) for item in flat]
-    proto = TensorProto(dtype=types_pb2.DT_STRING)
-    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
+    proto = proto_type(dtype=types_pb2.DT_STRING)
+    _set_shape(proto, array.shape)
     proto.string_val.extend(values)
     return proto
 
 
-def to_tensor_proto(value, dtype=None) -> TensorProto:
+def to_tensor_proto(value, dtype=None, *, proto_type: type = TensorProto) -> TensorProto:
     """Encode a numpy array, numpy/Python scalar, (nested) list, bytes or str as a TensorProto.
 
     Numeric and bool arrays become `dtype` + `tensor_shape` + `tensor_content` (raw
@@ -167,35 +175,36 @@ def to_tensor_proto(value, dtype=None) -> TensorProto:
     them become DT_STRING `string_val` (str encoded as UTF-8). Python values follow numpy's type
     inference (int -> int64, float -> float64) unless `dtype` is given. TypeError names any dtype
     that has no TensorFlow DataType (e.g. datetime64, longdouble, structured dtypes).
+    `proto_type` is the message class to build: the client's TensorProto or TensorFlow's.
     """
     array = _as_array(value, dtype)
     if array.dtype.kind in "USO":
-        return _string_proto(array)
+        return _string_proto(array, proto_type)
     array, enum = _numeric(array)
-    proto = TensorProto(dtype=enum, tensor_content=array.tobytes())
-    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
+    proto = proto_type(dtype=enum, tensor_content=array.tobytes())
+    _set_shape(proto, array.shape)
     return proto
 
 
-def to_typed_tensor_proto(value, dtype=None) -> TensorProto:
+def to_typed_tensor_proto(value, dtype=None, *, proto_type: type = TensorProto) -> TensorProto:
     """Encode like `to_tensor_proto`, but with the values in the typed `*_val` field.
 
     This is TensorFlow's Tensor::AsProtoField, what TF Serving answers with by default and what
     clients written for it read (`float_val`, `int64_val`, `string_val`, ...): small integer
     types share `int_val`, half and bfloat16 keep their 16-bit patterns in `half_val`, complex
-    numbers are (real, imag) pairs.
+    numbers are (real, imag) pairs. `proto_type` as in `to_tensor_proto`.
     """
     array = _as_array(value, dtype)
     if array.dtype.kind in "USO":
-        return _string_proto(array)
+        return _string_proto(array, proto_type)
     array, enum = _numeric(array)
     flat = array.ravel()
     if enum in _BIT_PATTERN_ENUMS:
         flat = flat.view(np.uint16)
     elif enum in _COMPLEX_PARTS:
         flat = flat.view(_COMPLEX_PARTS[enum])
-    proto = TensorProto(dtype=enum)
-    proto.tensor_shape.CopyFrom(_shape_proto(array.shape))
+    proto = proto_type(dtype=enum)
+    _set_shape(proto, array.shape)
     getattr(proto, _VALUE_FIELD[enum]).extend(flat.tolist())
     return proto
 
@@ -211,7 +220,7 @@ def _numeric(array: np.ndarray) -> tuple[np.ndarray, int]:
     return array, enum
 
 
-def _shape_of(shape_proto: _TensorShapeProto) -> tuple[int, ...]:
+def _shape_of(shape_proto) -> tuple[int, ...]:
     key = shape_proto.SerializeToString()
     shape = _SHAPE_TUPLES.get(key)
     if shape is None:
@@ -299,7 +308,8 @@ def _string_array(proto: TensorProto, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def to_ndarray(proto: TensorProto, *, writable: bool = False) -> np.ndarray:
-    """Decode a TensorProto (tensor_content or any typed `*_val` field) into a numpy array.
+    """Decode a TensorProto, the client's or TensorFlow's (tensor_content or any typed `*_val`
+    field), into a numpy array.
 
     From `tensor_content` the result is a zero-copy, read-only view of the proto's bytes unless
     `writable=True` (one extra copy, what `tf.make_ndarray` always does). Arrays built from typed

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 
 # verb -> (module, function, one-line help). Nested verbs use "verb subverb".
@@ -42,6 +43,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "load generator: throughput, latency, codec",
     ),
     "loadgen": ("convstack.bench.client", "bench_main", "the same as bench client"),
+    "bench footprint": (
+        "convstack.bench.footprint",
+        "bench_main",
+        "the client's import time and installed size vs tensorflow-serving-api",
+    ),
     "bench serve": (
         "convstack.bench.serve",
         "bench_main",
@@ -57,6 +63,73 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "k8s deploy": ("convstack.k8s.launch", "deploy_main", "apply the serving stack and wait"),
     "k8s rollout": ("convstack.k8s.launch", "rollout_main", "run convstack rollout in a Job"),
 }
+
+
+# The extra each verb needs beyond the base install (the client); verbs not named need none.
+# Matched by the verb's first word unless the whole verb is listed.
+EXTRAS: dict[str, str] = {
+    "train": "training",
+    "data": "training",
+    "bench train": "training",
+    "serve": "serving",
+    "models-config": "serving",
+    "bench serve": "serving",
+    "rollout": "serving",
+    "k8s": "k8s",
+}
+# Top-level modules that only an extra installs, and which one: a base verb that reaches one
+# (`convstack predict --saved-model` loads TensorFlow) names the extra that brings it.
+EXTRA_MODULES: dict[str, str] = {
+    "PIL": "images",
+    "tensorflow": "training",
+    "sklearn": "training",
+    "tensorboard": "training",
+    "matplotlib": "training",
+    "tqdm": "training",
+    "tensorflow_serving": "serving",
+    "prometheus_client": "serving",
+    "grpc_health": "serving",
+    "kubernetes": "k8s",
+    "pydantic": "k8s",
+    "yaml": "k8s",
+}
+
+
+# The module whose absence means an extra is not installed, checked before a verb starts (its
+# imports may be lazy: `convstack serve --help` would work, then the server would not).
+EXTRA_PROBES: dict[str, str] = {
+    "training": "tensorflow",
+    "serving": "tensorflow_serving",
+    "k8s": "kubernetes",
+}
+
+
+def verb_extra(verb: str) -> str | None:
+    """The extra `verb` needs, or None for a verb of the base install."""
+    return EXTRAS.get(verb) or EXTRAS.get(verb.split()[0])
+
+
+def extra_installed(extra: str) -> bool:
+    probe = EXTRA_PROBES.get(extra)
+    return probe is None or importlib.util.find_spec(probe) is not None
+
+
+def missing_extra(verb: str, error: ModuleNotFoundError) -> str | None:
+    """The extra to install when running `verb` failed on `error`, or None when the missing
+    module is not one an extra installs (a real bug, left to raise)."""
+    top = (error.name or "").partition(".")[0]
+    if top not in EXTRA_MODULES:
+        return None
+    return verb_extra(verb) or EXTRA_MODULES[top]
+
+
+def _needs(verb: str, extra: str, module: str) -> int:
+    print(
+        f"convstack {verb}: needs the '{extra}' extra (no module {module!r}): "
+        f"pip install 'convstack[{extra}]'",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def usage() -> str:
@@ -86,8 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     verb, rest = resolved
     module_name, function_name, _ = COMMANDS[verb]
-    function = getattr(importlib.import_module(module_name), function_name)
-    return function(rest)
+    extra = verb_extra(verb)
+    if extra is not None and not extra_installed(extra):
+        return _needs(verb, extra, EXTRA_PROBES[extra])
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+        return function(rest)
+    except ModuleNotFoundError as error:
+        extra = missing_extra(verb, error)
+        if extra is None:
+            raise
+        return _needs(verb, extra, error.name)
 
 
 if __name__ == "__main__":

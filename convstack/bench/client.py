@@ -226,6 +226,13 @@ def _per_call_us(call: Callable[[], object]) -> float:
     return statistics.median(timings) * 1e6
 
 
+def _tensorflow_installed() -> bool:
+    """Whether TensorFlow's codec can be compared (a client-only install has none)."""
+    import importlib.util
+
+    return importlib.util.find_spec("tensorflow") is not None
+
+
 def _tensorflow_codec() -> tuple[Callable, Callable]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with quiet_stderr():
@@ -393,7 +400,9 @@ def run(args) -> dict:
         "mode": "open" if args.rate else "closed",
         "metadata_error": metadata_error,
         "load": load.to_json(),
-        "codec": measure_codec(inputs, outputs, tensorflow=not args.no_tf_comparison),
+        "codec": measure_codec(
+            inputs, outputs, tensorflow=not args.no_tf_comparison and _tensorflow_installed()
+        ),
     }
     if args.protocol == "grpc":
         report["added_latency"] = measure_added_latency(args, inputs, args.latency_calls)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     predict_pb2,
@@ -176,7 +177,8 @@ class ScriptedService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = 7
         response.model_spec.signature_name = "serving_default"
-        response.outputs["y"].CopyFrom(to_tensor_proto(to_ndarray(request.inputs["x"])))
+        y = to_ndarray(request.inputs["x"])
+        response.outputs["y"].CopyFrom(to_tensor_proto(y, proto_type=tensor_pb2.TensorProto))
         return response
 
 
