@@ -79,6 +79,13 @@ class TrainConfig(ModelConfig):
         False, description="also write an int8 post-training-quantised model.tflite"
     )
     export: bool = Field(True, description="export a SavedModel version after training")
+    cluster_wait_seconds: float = Field(
+        180.0,
+        gt=0.0,
+        description="with several workers: bound on the start-up (joining the cluster, loading "
+        "the data, creating and restoring the variables); past it the worker exits 1 so the "
+        "Job controller can act",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> TrainConfig:

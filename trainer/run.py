@@ -3,6 +3,7 @@ checkpoints and preemption -> test evaluation -> atomic versioned export."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -11,8 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
-from convstack.trainer import crash_points, export_record, pipeline, preemption
+from convstack.trainer import cluster, crash_points, export_record, pipeline, preemption
 from convstack.trainer.checkpoints import (
     RunCheckpoints,
     check_learning_rate,
@@ -33,10 +35,17 @@ from convstack.trainer.reporting import (
     save_history,
     save_learning_curves,
 )
-from convstack.trainer.strategy import StrategySetup, select_strategy
+from convstack.trainer.strategy import StrategySetup, parse_tf_config, select_strategy
 
 log = logging.getLogger(__name__)
 
+# How a collective fails when a peer dies (a broken connection, or the others abort it).
+PEER_LOST = (
+    tf.errors.UnavailableError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+)
 # What a rerun does after a stop, for the one line a preempted run ends with.
 NOTHING_WRITTEN = "nothing was written; rerun with the same --run-dir"
 RESUMES = "rerun with the same --run-dir to resume from its latest checkpoint"
@@ -58,8 +67,25 @@ class TrainResult:
 def train(config: TrainConfig) -> TrainResult:
     """Train (resuming from run_dir when it holds a checkpoint), evaluate and export."""
     _refuse_existing_version(config)
+    tf_config = os.environ.get("TF_CONFIG")
+    role = parse_tf_config(tf_config)
+    peers = cluster.peers(tf_config, f"{role.task_type}:{role.task_index}")
+    # Bounds the start-up up to the first collectives (creating and restoring the variables),
+    # which block without end while a peer is absent.
+    deadline = cluster.startup_deadline(peers, config.cluster_wait_seconds)
+    with deadline if role.is_multi_worker else contextlib.nullcontext():
+        training = _start(config, tf_config)
+    try:
+        return training.execute()
+    except PEER_LOST as exc:
+        if not role.is_multi_worker:
+            raise
+        raise cluster.PeerError(cluster.lost_peer_message(exc, peers)) from exc
+
+
+def _start(config: TrainConfig, tf_config: str | None) -> TrainingRun:
     # The strategy comes first: splitting the CPU into replicas must precede any TF operation.
-    setup = select_strategy(config.replicas, os.environ.get("TF_CONFIG"))
+    setup = select_strategy(config.replicas, tf_config)
     _safe_point("strategy-created", "start-up", NOTHING_WRITTEN)
     dataset = load_dataset(
         config.data,
@@ -71,7 +97,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.mixed_precision:
         keras.mixed_precision.set_global_policy(mixed_precision_policy(setup.on_gpu))
     keras.utils.set_random_seed(config.seed)  # same initial weights on every worker and rerun
-    return TrainingRun(config, setup, dataset).execute()
+    return TrainingRun(config, setup, dataset)
 
 
 def _safe_point(point: str, phase: str, consequence: str) -> None:

@@ -9,11 +9,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from convstack.trainer import crash_points
+from tests.loopback import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -204,3 +206,53 @@ def test_a_run_interrupted_twice_ends_with_the_uninterrupted_runs_weights(tmp_pa
     assert max(differences.values()) <= WEIGHT_ATOL, differences
     assert any(name.startswith("rng/") for name in got)
     assert history_epochs(broken) == [1, 2]
+
+
+# --- (4)/(5) an absent or lost peer ends a worker in bounded time with one line --------------
+
+
+def start_worker(tmp_path: Path, workers: list[str], index: int, *extra: str) -> subprocess.Popen:
+    tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    command = [sys.executable, "-m", "convstack.cli", "train", "--data", "digits"]
+    command += ["--model-base", str(tmp_path / "models"), "--run-dir", str(tmp_path / "run")]
+    command += ["--progress", "log", *TINY_RUN, *extra]
+    env = {k: v for k, v in os.environ.items() if k != crash_points.ENV}
+    env.update(TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def test_a_worker_whose_chief_never_starts_exits_1_within_the_cluster_wait(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    started = time.monotonic()
+    worker = start_worker(tmp_path, workers, 1, "--epochs", "1", "--cluster-wait-seconds", "5")
+    _, stderr = worker.communicate(timeout=300)  # a no-hang bound, not a timing threshold
+    elapsed = time.monotonic() - started
+
+    assert worker.returncode == 1, stderr[-3000:]
+    assert f"waiting for worker:0 at {workers[0]}; exiting 1 if it has not formed" in stderr
+    print(f"absent chief: exit {worker.returncode} after {elapsed:.1f}s (wait 5s)")
+
+
+def test_losing_a_worker_ends_the_other_with_one_line_naming_it(tmp_path):
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    args = ("--epochs", "30", "--checkpoint-every", "5", "--no-export")
+    chief = start_worker(tmp_path, workers, 0, *args)
+    other = start_worker(tmp_path, workers, 1, *args)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("ckpt-*.index")) and time.monotonic() < deadline:
+        assert chief.poll() is None and other.poll() is None, chief.communicate()[1][-3000:]
+        time.sleep(0.2)
+    killed_at = time.monotonic()
+    other.kill()
+    other.wait()
+    _, stderr = chief.communicate(timeout=300)  # a no-hang bound
+    detected = time.monotonic() - killed_at
+
+    assert chief.returncode == 1, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert "lost contact with worker:1" in line, line
+    assert "Traceback" not in stderr
+    print(f"lost worker: chief exit {chief.returncode} {detected:.1f}s after the kill")
