@@ -342,3 +342,43 @@ def test_regenerating_the_wire_code_changes_nothing(tmp_path):
     assert generated.keys() == committed.keys()
     stale = sorted(name for name in generated if generated[name] != committed[name])
     assert stale == [], f"run `make protos`: {stale} differ"
+
+
+# --- TF Serving's messages handed to the client ---------------------------------------------
+
+
+def test_a_tf_serving_model_server_config_is_taken_by_its_bytes():
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2 as tf_config_pb2
+
+    from convstack.client.sync_client import parse_model_server_config
+
+    text = (
+        'model_config_list { config { name: "a" base_path: "/m/a" model_platform: "tensorflow" '
+        "model_version_policy { specific { versions: 1 versions: 2 } } "
+        'version_labels { key: "stable" value: 1 } } }'
+    )
+    theirs = text_format.Parse(text, tf_config_pb2.ModelServerConfig())
+
+    ours = parse_model_server_config(theirs)
+
+    assert type(ours) is model_management_pb2.ModelServerConfig
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert parse_model_server_config(text) == ours
+
+
+def test_the_signature_map_is_read_from_tf_servings_any():
+    from convstack.client.errors import PredictionError
+    from convstack.client.sync_client import signature_def_map
+
+    theirs = tf_metadata_pb2.SignatureDefMap()
+    theirs.signature_def["serving_default"].method_name = "tensorflow/serving/predict"
+    response = tf_metadata_pb2.GetModelMetadataResponse()
+    response.metadata["signature_def"].Pack(theirs)
+    ours = get_model_metadata_pb2.GetModelMetadataResponse.FromString(response.SerializeToString())
+
+    found = signature_def_map(ours)
+
+    assert found.signature_def["serving_default"].method_name == "tensorflow/serving/predict"
+    with pytest.raises(PredictionError, match="without signature_def"):
+        signature_def_map(get_model_metadata_pb2.GetModelMetadataResponse())
