@@ -17,6 +17,7 @@ step without a verdict on the candidate; and a rerun of `run` picks up from the 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +36,13 @@ from convstack.serving.rollout.gates import (
     latency_gate,
     quality_gate,
 )
-from convstack.serving.rollout.history import HistoryError, append_record, make_record
+from convstack.serving.rollout.history import (
+    HistoryError,
+    append_record,
+    interrupted_write,
+    make_record,
+    read_history,
+)
 from convstack.serving.rollout.plan import CANARY, STABLE, ModelState, RolloutPlanError, Step
 from convstack.serving.rollout.repository import (
     RepositoryError,
@@ -275,6 +282,34 @@ class Rollout:
                 raise
             return salvaged
 
+    def _close_interrupted(self, state: ModelState) -> None:
+        """Give a config write that a killed rollout left without an outcome the outcome the
+        config shows now (`state`): written, not-written, or unknown when it moved on since."""
+        try:
+            intent = interrupted_write(read_history(self.repository()), self.model)
+        except HistoryError as error:
+            self.say(f"warning: {error}; an interrupted write cannot be looked for")
+            return
+        if intent is None:
+            return
+        shown = state.as_record()
+        outcome = {_as_json(intent["to"]): "written", _as_json(intent["from"]): "not-written"}
+        found = outcome.get(_as_json(shown), "unknown")
+        where = f"{intent['action']}.{intent['step']}"
+        detail = f"found after an interrupted rollout (intent of {intent['time']}, {intent['who']})"
+        self.say(f"the last rollout stopped at its {where} write; the config shows it {found}")
+        record = make_record(
+            model=self.model,
+            action=intent["action"],
+            step=intent["step"],
+            outcome=found,
+            store=self.store.uri,
+            before=intent["from"],
+            after=intent["to"],
+            detail=detail,
+        )
+        append_record(self.repository(), record)
+
     def _preflight(self) -> None:
         """Refuse before writing anything unless every server answers (a replica that is
         down would stall the first wait and leave the config half-done)."""
@@ -310,6 +345,7 @@ class Rollout:
     def _canary(self, version: int, attempt: Attempt) -> Outcome:
         config = self.config()
         before = attempt.before = self.state(config)
+        self._close_interrupted(before)
         candidate = find_version(self.repository(config), version)
         # Plan first: a verb that does not apply is refused before any gate runs.
         if before.stable is None:
@@ -408,6 +444,7 @@ class Rollout:
         self._need_servers("promote")
         with self._attempt("promote") as attempt:
             before = attempt.before = self.state()
+            self._close_interrupted(before)
             steps = rollout_plan.promote(before)
             self._preflight()
             after = self._apply(steps, before, attempt)
@@ -421,6 +458,7 @@ class Rollout:
         self._need_servers("rollback")
         with self._attempt("rollback") as attempt:
             before = attempt.before = self.state()
+            self._close_interrupted(before)
             if to is not None:
                 find_version(self.repository(), to)
             steps = rollout_plan.rollback(before, to)
@@ -436,6 +474,7 @@ class Rollout:
         self._need_servers("run")
         with self._attempt("run") as attempt:
             before = attempt.before = self.state()
+            self._close_interrupted(before)
             if before.stable == version and before.canary is None:
                 return self._already_stable(version, before, attempt)
             self._preflight()  # here too, so that a refusal is recorded as the run's
@@ -493,6 +532,12 @@ class Rollout:
 
     def _say_gate(self, gate: GateResult, where: str = "") -> None:
         self.say(f"  gate {gate.line()}" + (f" ({where})" if where else ""))
+
+
+def _as_json(record: dict) -> str:
+    # {"versions": [...], "labels": {...}} compared as text: key order and JSON's str keys
+    # do not matter then.
+    return json.dumps(record, sort_keys=True)
 
 
 def describe_state(state: ModelState) -> str:

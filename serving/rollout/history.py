@@ -5,7 +5,8 @@ next to the version directories (TF Serving ignores names that are not all digit
 Two kinds of record: a verb's (`action` canary, promote, run... with its outcome, ok or
 failed), and a config write's (with a `step`: load, label or unload), written twice: outcome
 `intent` before the write and `written` (or `not-written`) after it. A write whose intent has
-no outcome was interrupted; the config shows whether it happened.
+no outcome was interrupted (the rollout was killed); the next verb on the model records the
+outcome the config shows, marked as found after the interruption.
 
 Lines are appended with O_APPEND under an flock and fsynced, so concurrent rollouts on one
 machine never interleave or lose a record; nothing ever rewrites the file.
@@ -72,6 +73,12 @@ def make_record(
         "detail": detail,
         **step_field,
     }
+
+
+def interrupted_write(records: list[dict[str, Any]], model: str) -> dict[str, Any] | None:
+    """The intent of `model`'s last config write when no outcome followed it, else None."""
+    steps = [r for r in records if r.get("model") == model and "step" in r]
+    return steps[-1] if steps and steps[-1].get("outcome") == "intent" else None
 
 
 def verb_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -22,7 +22,13 @@ from convstack.serving.rollout import broken_config
 from convstack.serving.rollout.cli import rollout_main
 from convstack.serving.rollout.controller import Rollout, RolloutSettings
 from convstack.serving.rollout.gates import GoldenSet
-from convstack.serving.rollout.history import read_history, verb_records
+from convstack.serving.rollout.history import (
+    append_record,
+    interrupted_write,
+    make_record,
+    read_history,
+    verb_records,
+)
 from convstack.serving.rollout.plan import ModelState
 from convstack.serving.rollout.store import ConfigStoreError, FileStore
 from convstack.serving.rollout.watch import ReplicaUnreachableError
@@ -141,6 +147,31 @@ def test_a_rerun_of_a_rollout_that_reached_its_goal_has_nothing_to_do(tmp_path, 
     assert "version 2 is already stable: nothing to do" in out
     assert setup.config_path.read_text() == text_before
     assert setup.history() == []
+
+
+def test_a_rerun_records_the_outcome_of_the_write_a_killed_rollout_left_open(tmp_path, capsys):
+    setup = Setup(tmp_path, PROMOTED)
+    canary = ModelState(frozenset({1, 2}), {"stable": 1, "canary": 2})
+    intent = make_record(
+        model=MODEL,
+        action="promote",
+        step="label",
+        outcome="intent",
+        store="file:x",
+        before=canary.as_record(),
+        after=PROMOTED.as_record(),
+    )
+    append_record(setup.model_dir, intent)
+
+    with replica_serving(PROMOTED) as live:
+        assert setup.cli("run", "2", servers=[live]) == 0
+
+    assert "the last rollout stopped at its promote.label write" in capsys.readouterr().out
+    opened, closed = setup.history()
+    assert opened == intent
+    assert (closed["action"], closed["step"], closed["outcome"]) == ("promote", "label", "written")
+    assert (closed["from"], closed["to"]) == (intent["from"], intent["to"])
+    assert interrupted_write(setup.history(), MODEL) is None
 
 
 class HistoryAtWrite(FileStore):

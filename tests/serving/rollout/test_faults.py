@@ -75,8 +75,7 @@ def move_to(replicas, target: ModelState) -> None:
 
 
 def check_step_records(records: list[dict]) -> None:
-    """Every write's outcome follows its intent, and every intent but an interrupted last
-    one has an outcome."""
+    """Every write's outcome follows its intent, and every intent has an outcome."""
     open_intents: list[tuple[str, str]] = []
     for record in records:
         if "step" not in record:
@@ -120,10 +119,14 @@ def test_a_rollout_killed_at_each_config_write_is_finished_by_its_rerun(replicas
             assert rerun.returncode == 0, (point, rerun.stdout, rerun.stderr)
             assert state_in_file(replicas) == PROMOTED, point
             rerun_records = read_history(replicas.model_dir)[start + len(killed_records) :]
-            check_step_records(killed_records[:-1])  # all closed but the interrupted one
-            check_step_records(rerun_records)
+            # The rerun first gives the interrupted write the outcome the config shows.
+            closed = rerun_records[0]
+            assert (closed["action"], closed["step"]) == (action, step)
+            assert closed["outcome"] == ("written" if written else "not-written"), closed
+            assert closed["detail"].startswith("found after an interrupted rollout")
+            check_step_records(killed_records + rerun_records)  # every write has its outcome
             if point == GOAL_WRITTEN:  # the kill came after the last write: nothing is left
-                assert "nothing to do" in rerun.stdout and rerun_records == []
+                assert "nothing to do" in rerun.stdout and rerun_records == [closed]
             else:
                 assert rerun_records[-1]["outcome"] == "ok", rerun_records[-1]
 
