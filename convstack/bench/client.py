@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-calls", type=positive_int, default=50, help="per client")
     parser.add_argument("--no-tf-comparison", action="store_true", help="skip tf.make_* timing")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results ({DEFAULT_OUT})")
+    parser.add_argument(
+        "--footprint",
+        action="store_true",
+        help="measure the client's import time and installed size instead (see --footprint -h)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
@@ -463,12 +468,17 @@ def _save(report: dict, out: str) -> None:
 
 def bench_main(argv: list[str]) -> int:
     """`convstack bench client`: 0 when the run completed (request errors included), 1 for a
-    server unreachable before the run, 2 for usage errors."""
+    server unreachable before the run, 2 for usage errors. `--footprint` measures the client's
+    import time and installed size instead (convstack/bench/footprint.py, its flags follow)."""
+    if "--footprint" in argv:
+        from convstack.bench import footprint
+
+        return footprint.bench_main([word for word in argv if word != "--footprint"])
     args = _parse(build_parser(), argv)
     if isinstance(args, int):
         return args
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with quiet_stderr():  # the client's protos import TensorFlow, which talks on stderr
+    with quiet_stderr():  # --saved-model's TensorFlow, if any, talks on stderr
         import convstack.client.loadgen
         import convstack.client.sync_client  # noqa: F401
     prog = "convstack bench client"

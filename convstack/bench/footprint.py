@@ -1,5 +1,6 @@
-"""`convstack bench footprint`: what the client costs to install and to import, next to
-`tensorflow-serving-api` (what the client needed before it had its own message definitions).
+"""`convstack bench footprint` (or `convstack bench client --footprint`): what the client
+costs to install and to import, next to `tensorflow-serving-api` (what the client needed before
+it had its own message definitions).
 
 Import time is the median of `--runs` cold runs: each a fresh interpreter timing only the import
 statement (the page cache stays warm, as on a machine that ran the program before). Installed
