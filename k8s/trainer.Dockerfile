@@ -38,9 +38,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 # Into the image's own Python, next to the TensorFlow it ships: that is the point of the base
 # image (PIP_BREAK_SYSTEM_PACKAGES only matters if a base ever marks it externally managed).
-# The wheel is bind-mounted from the build stage, so no layer keeps a copy of it.
+# The wheel is bind-mounted from the build stage, so no layer keeps a copy of it. `[all]`: the
+# wheel's base install is the client only; the image trains, serves and runs rollouts.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-cache-dir /wheels/*.whl \
+    PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install --no-cache-dir "$(echo /wheels/*.whl)[all]" \
     && python -c "import tensorflow as tf, convstack.trainer, convstack.serving, convstack.client; print(tf.__version__)"
 
 # uid/gid 1000, matching the pods' runAsUser/runAsGroup/fsGroup. A numeric USER lets the kubelet

@@ -71,13 +71,29 @@ def pyproject() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
+def _tensorflow_pins() -> set[str]:
+    """TensorFlow's pin wherever pyproject names it (the base install is the client: only the
+    extras that train or serve need TensorFlow)."""
+    project = pyproject()["project"]
+    lists = [project.get("dependencies", []), *project["optional-dependencies"].values()]
+    return {d for deps in lists for d in deps if re.match(r"tensorflow[<>=!~ ;]", d)}
+
+
 def test_base_image_is_a_pinned_tensorflow_release_matching_the_project(dockerfile):
-    pins = [d for d in pyproject()["project"]["dependencies"] if re.match(r"tensorflow\W", d)]
-    minor = re.search(r">=(\d+\.\d+)", pins[0]).group(1)
+    pins = _tensorflow_pins()
+    assert len(pins) == 1, f"the extras pin TensorFlow differently: {sorted(pins)}"
+    minor = re.search(r">=(\d+\.\d+)", pins.pop()).group(1)
     for image in base_images(dockerfile):
         repository, _, tag = image.partition(":")
         assert repository == "tensorflow/tensorflow"
         assert re.fullmatch(rf"{re.escape(minor)}\.\d+", tag), f"{image} is not a {minor}.x release"
+
+
+def test_image_installs_the_wheel_with_every_extra(dockerfile):
+    runs = [arguments for instruction, arguments in stages(dockerfile)[-1] if instruction == "RUN"]
+    installs = [run for run in runs if "pip install" in run]
+    assert len(installs) == 1
+    assert '/wheels/*.whl)[all]"' in installs[0]  # the wheel alone is only the client
 
 
 def test_image_runs_as_the_non_root_user_the_pods_use(dockerfile, rendered):
