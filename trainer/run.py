@@ -226,7 +226,7 @@ class TrainingRun:
         crash_points.reached("epoch-recorded")
         self._save()
         if self.trainer.agree_to_stop(preemption.requested()):
-            self._stop_preempted()
+            raise self._preempted()  # saved just now, with the record
 
     def _next_chunk(self, offset: int) -> int:
         """Steps for the next compiled call: never past the epoch end or a checkpoint
@@ -238,7 +238,10 @@ class TrainingRun:
         self._save()
         if self.is_chief:
             save_history(self.run_dir / "history.json", self.history)
-        raise Preempted(
+        raise self._preempted()
+
+    def _preempted(self) -> Preempted:
+        return Preempted(
             f"preempted at step {self.step} of {self.total_steps} (SIGTERM "
             f"{preemption.seconds_since_request():.1f}s ago); checkpoint in "
             f"{self.checkpoints.directory}, rerun with the same --run-dir to resume"

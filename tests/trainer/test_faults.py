@@ -76,6 +76,7 @@ def test_a_sigterm_in_any_phase_stops_cleanly_with_exit_75(tmp_path, point, phas
     assert stopped.returncode == 75, stopped.stderr[-3000:]
     (line,) = error_lines(stopped.stderr)
     assert f"preempted during {phase}" in line and STOP_LINE.search(line), line
+    print(f"SIGTERM at {point}: stopped {STOP_LINE.search(line).group(2)}s after it")
     # Nothing half-made: no staging directory and no version.
     assert model_dir_entries(tmp_path) == []
 
