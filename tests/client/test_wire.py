@@ -200,6 +200,7 @@ def _raw_call(target: str, method: str, request) -> bytes:
         return call(request, timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "request_class", "ours", "theirs"),
     [
@@ -236,6 +237,7 @@ def test_the_embedded_servers_answers_parse_the_same_with_ours(
     assert len(unknown_fields.UnknownFieldSet(mine)) == 0
 
 
+@pytest.mark.slow
 def test_the_embedded_servers_status_parses_the_same_with_ours(server):
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = MODEL
