@@ -10,7 +10,13 @@ from convstack.common.configs import ConfigValueError, add_config_flags, build_c
 from convstack.common.logs import configure_logging as shared_logging_setup
 from convstack.trainer import crash_points, preemption
 from convstack.trainer.config import TrainConfig
-from convstack.trainer.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_PREEMPTED, TrainerError
+from convstack.trainer.errors import (
+    ERROR_PREFIX,
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    TrainerError,
+)
 
 EPILOG = f"""\
 exit status: {EXIT_OK} success; {EXIT_BAD_INPUT} bad input or configuration; {EXIT_PREEMPTED}
@@ -63,16 +69,16 @@ def _train_main(argv: list[str]) -> int:
     try:
         config = build_config(TrainConfig, namespace, namespace.config)
     except ConfigValueError as exc:
-        print(f"convstack train: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     configure_logging()
     try:
-        preemption.stop_if_requested("start-up", START_UP_STOP)
-        from convstack.trainer.run import train  # imports TensorFlow: once the config is valid
+        with preemption.exit_at_once("start-up", START_UP_STOP):
+            from convstack.trainer.run import train  # imports TensorFlow: once config is valid
 
         result = train(config)
     except TrainerError as exc:
-        print(f"convstack train: error: {exc}", file=sys.stderr)
+        print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return exc.exit_code
     print(f"test accuracy: {result.test_accuracy:.4f} (loss {result.test_loss:.4f})")
     print(

@@ -9,6 +9,8 @@ EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 # EX_TEMPFAIL from sysexits.h: "try again later", which is what a preempted run should do.
 EXIT_PREEMPTED = 75
+# How `convstack train` starts the one line it ends with on an error.
+ERROR_PREFIX = "convstack train: error:"
 
 
 class TrainerError(Exception):

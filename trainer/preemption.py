@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
-from convstack.trainer.errors import Preempted
+from convstack.trainer.errors import ERROR_PREFIX, EXIT_PREEMPTED, Preempted
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +30,34 @@ class _Request:
 
     received_at: float | None = None
     signal_name: str = ""
+    # (phase, consequence) while the process has nothing to stop cleanly: see exit_at_once.
+    immediate: tuple[str, str] | None = None
 
 
 def _handle(signum, frame) -> None:
     if _Request.received_at is None:
         _Request.received_at = time.monotonic()
         _Request.signal_name = signal.Signals(signum).name
+        if _Request.immediate is not None:
+            sys.stderr.write(f"{ERROR_PREFIX} {stop_message(*_Request.immediate)}\n")
+            sys.stderr.flush()
+            os._exit(EXIT_PREEMPTED)
         log.warning("received %s: stopping at the next safe point", _Request.signal_name)
+
+
+@contextlib.contextmanager
+def exit_at_once(phase: str, consequence: str) -> Iterator[None]:
+    """While the block runs, a SIGTERM ends the process at once with exit 75 and its one line.
+
+    For a phase that has written nothing, so has nothing to stop cleanly, and that would hold
+    a stop for seconds: importing TensorFlow takes 3-10 s and has no safe point inside.
+    """
+    stop_if_requested(phase, consequence)
+    _Request.immediate = (phase, consequence)
+    try:
+        yield
+    finally:
+        _Request.immediate = None
 
 
 @contextlib.contextmanager
