@@ -113,6 +113,9 @@ class RolloutSettings:
     """How a rollout waits and observes (flags of `convstack rollout`)."""
 
     wait_timeout: float = 300.0
+    # A replica silent this long during a step's wait stops the rollout (at that step, which
+    # is safe): waiting out wait_timeout for a dead server only delays the same outcome.
+    unreachable_seconds: float = 30.0
     observe_seconds: float = 0.0
     sandbox_backend: str = "auto"
     gates: GateSettings = field(default_factory=GateSettings)
@@ -208,7 +211,13 @@ class Rollout:
         append_record(self.repository(), record)
 
     def _wait(self, state: ModelState) -> list[ReplicaView]:
-        return wait_for_state(self.servers, self.model, state, self.settings.wait_timeout)
+        return wait_for_state(
+            self.servers,
+            self.model,
+            state,
+            self.settings.wait_timeout,
+            unreachable_after=self.settings.unreachable_seconds,
+        )
 
     def _apply(self, steps: list[Step], before: ModelState, attempt: Attempt) -> ModelState:
         """Write and wait for each step. A version failing to load (or a load step that times
@@ -222,6 +231,12 @@ class Rollout:
             self._write(step, current, attempt)
             try:
                 self._wait(step.state)
+            except ReplicaUnreachableError as error:
+                # No undo: it would wait for the same replica. Every step is a safe state.
+                raise RolloutError(
+                    f"{error}; stopped with the config at the {step.name} step "
+                    f"({describe_state(step.state)}); rerun once every replica answers"
+                ) from error
             except WatchError as error:
                 if step.name != "load":
                     raise RolloutError(f"{error}; the config is at the {step.name} step") from error

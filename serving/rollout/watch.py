@@ -98,6 +98,7 @@ class ReplicaView:
     states: dict[int, tuple[str, str]] = field(default_factory=dict)
     labels: dict[str, int | None] = field(default_factory=dict)
     error: str = ""
+    unreachable: bool = False  # the status call got no answer at all (refused, timed out)
 
     def describe(self) -> str:
         if self.error:
@@ -116,6 +117,7 @@ def observe(target: str, model: str, labels: Iterable[str] = ()) -> ReplicaView:
                 view.states[status["version"]] = (status["state"], status["error_message"])
         except PredictionError as error:
             view.error = str(error)
+            view.unreachable = error.code in UNREACHABLE_CODES
             return view
     try:
         for label in labels:
@@ -190,6 +192,29 @@ def failed_version(view: ReplicaView, state: ModelState) -> tuple[int, str] | No
     return None
 
 
+def _check_unreachable(
+    views: Sequence[ReplicaView], down_since: dict[str, float], limit: float | None
+) -> None:
+    """Note since when each server has not answered; ReplicaUnreachableError naming those
+    silent for `limit` seconds (None: never)."""
+    now = time.monotonic()
+    for view in views:
+        if view.unreachable:
+            down_since.setdefault(view.target, now)
+        else:
+            down_since.pop(view.target, None)
+    if limit is None:
+        return
+    gone = [v for v in views if v.unreachable and now - down_since[v.target] >= limit]
+    if gone:
+        named = "; ".join(
+            f"replica {v.target} unreachable for {now - down_since[v.target]:.0f} s "
+            f"({v.error.splitlines()[0]})"
+            for v in gone
+        )
+        raise ReplicaUnreachableError(named, [v.target for v in gone])
+
+
 def wait_for_state(
     servers: Sequence[str],
     model: str,
@@ -197,13 +222,17 @@ def wait_for_state(
     timeout: float,
     *,
     resolve: Callable[[str, int], list[str]] | None = None,
+    unreachable_after: float | None = None,
 ) -> list[ReplicaView]:
     """Block until every server (dns:/// targets re-expanded at each poll) serves `state`.
-    VersionFailedError as soon as a wanted version fails to load; WatchError after `timeout`
-    naming the servers that are behind and why."""
+    VersionFailedError as soon as a wanted version fails to load; ReplicaUnreachableError
+    once a server has not answered for `unreachable_after` seconds; WatchError after
+    `timeout` naming the servers that are behind and why."""
     deadline = time.monotonic() + timeout
+    down_since: dict[str, float] = {}
     while True:
         views = [observe(t, model, state.labels) for t in expand_targets(servers, resolve)]
+        _check_unreachable(views, down_since, unreachable_after)
         for view in views:
             failure = failed_version(view, state)
             if failure is not None:

@@ -20,7 +20,7 @@ from convstack.common.ports import free_ports
 from convstack.serving import model_config
 from convstack.serving.rollout import broken_config
 from convstack.serving.rollout.cli import rollout_main
-from convstack.serving.rollout.controller import Rollout, RolloutSettings
+from convstack.serving.rollout.controller import Rollout, RolloutError, RolloutSettings
 from convstack.serving.rollout.gates import GoldenSet
 from convstack.serving.rollout.history import (
     append_record,
@@ -31,7 +31,7 @@ from convstack.serving.rollout.history import (
 )
 from convstack.serving.rollout.plan import ModelState
 from convstack.serving.rollout.store import ConfigStoreError, FileStore
-from convstack.serving.rollout.watch import ReplicaUnreachableError
+from convstack.serving.rollout.watch import ReplicaUnreachableError, check_reachable
 from tests.serving.rollout.helpers import ReplicaScript, stand_in_replica
 
 MODEL = "digits"
@@ -279,3 +279,32 @@ def test_golden_traffic_failing_on_an_unreachable_replica_gives_no_verdict(tmp_p
 
     assert error.value.targets == [dead]
     assert live not in str(error.value)
+
+
+class ReplicaDiesAfterTheCheck(Rollout):
+    """The servers' check passes, then a replica stops answering before a step is served."""
+
+    def _preflight(self):
+        check_reachable(self.servers[:1], self.model)
+
+
+def test_a_replica_silent_during_a_step_stops_the_rollout_at_that_step(tmp_path):
+    stopped = ModelState(frozenset({1, 2, 3}), {"stable": 3, "previous": 2})
+    goal = ModelState(frozenset({2, 3}), {"stable": 3, "previous": 2})
+    setup = Setup(tmp_path, stopped, on_disk=(1, 2, 3))
+    dead = dead_target()
+    # A wait long enough that only the unreachable rule can end it in time.
+    settings = RolloutSettings(wait_timeout=60.0, unreachable_seconds=1.0)
+
+    with replica_serving(goal) as live:
+        rollout = ReplicaDiesAfterTheCheck(
+            MODEL, FileStore(setup.config_path), [live, dead], no_golden(None), settings=settings
+        )
+        with pytest.raises(RolloutError, match=f"^replica {dead} unreachable for") as error:
+            rollout.run(3)
+
+    assert "stopped with the config at the unload step" in str(error.value)
+    assert live not in str(error.value)
+    last = setup.history()[-1]
+    assert (last["action"], last["outcome"]) == ("run", "failed")
+    assert f"replica {dead} unreachable" in last["detail"]
