@@ -32,6 +32,7 @@ class _Request:
     signal_name: str = ""
     # (phase, consequence) while the process has nothing to stop cleanly: see exit_at_once.
     immediate: tuple[str, str] | None = None
+    handling = False  # inside handling()
 
 
 def _handle(signum, frame) -> None:
@@ -72,11 +73,24 @@ def handling() -> Iterator[None]:
         return
     previous = {signum: signal.signal(signum, _handle) for signum in SIGNALS}
     _Request.received_at = None
+    _Request.handling = True
     try:
         yield
     finally:
+        _Request.handling = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def reclaim() -> None:
+    """Take SIGTERM back after TensorFlow took it: MultiWorkerMirroredStrategy's coordination
+    service installs its own SIGTERM handler (a preemption notifier that only records the
+    time), after which a SIGTERM stopped nothing and the pod ran on until its SIGKILL."""
+    if _Request.handling and threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            if signal.getsignal(signum) is not _handle:
+                log.info("reinstalling the %s handler", signal.Signals(signum).name)
+            signal.signal(signum, _handle)
 
 
 def requested() -> bool:

@@ -86,6 +86,7 @@ def train(config: TrainConfig) -> TrainResult:
 def _start(config: TrainConfig, tf_config: str | None) -> TrainingRun:
     # The strategy comes first: splitting the CPU into replicas must precede any TF operation.
     setup = select_strategy(config.replicas, tf_config)
+    preemption.reclaim()
     _safe_point("strategy-created", "start-up", NOTHING_WRITTEN)
     dataset = load_dataset(
         config.data,

@@ -212,13 +212,17 @@ def test_a_run_interrupted_twice_ends_with_the_uninterrupted_runs_weights(tmp_pa
 # --- (4)/(5) an absent or lost peer ends a worker in bounded time with one line --------------
 
 
-def start_worker(tmp_path: Path, workers: list[str], index: int, *extra: str) -> subprocess.Popen:
+def start_worker(
+    tmp_path: Path, workers: list[str], index: int, *extra: str, crash_at: str | None = None
+) -> subprocess.Popen:
     tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
     command = [sys.executable, "-m", "convstack.cli", "train", "--data", "digits"]
     command += ["--model-base", str(tmp_path / "models"), "--run-dir", str(tmp_path / "run")]
     command += ["--progress", "log", *TINY_RUN, *extra]
     env = {k: v for k, v in os.environ.items() if k != crash_points.ENV}
     env.update(TF_CONFIG=json.dumps(tf_config), TF_CPP_MIN_LOG_LEVEL="2")
+    if crash_at is not None:
+        env[crash_points.ENV] = crash_at
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -257,3 +261,25 @@ def test_losing_a_worker_ends_the_other_with_one_line_naming_it(tmp_path):
     assert "lost contact with worker:1" in line, line
     assert "Traceback" not in stderr
     print(f"lost worker: chief exit {chief.returncode} {detected:.1f}s after the kill")
+
+
+def test_a_sigterm_to_one_of_two_workers_stops_both_with_75_and_the_rerun_finishes(tmp_path):
+    """The workers agree to stop at the same step, so one worker's SIGTERM is both's stop."""
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
+    args = ("--epochs", "2", "--checkpoint-every", "5")
+    signalled = crash_points.step_point(STEPS_PER_EPOCH + 3)
+    first = [start_worker(tmp_path, workers, 0, *args, crash_at=f"{signalled}:SIGTERM")]
+    first.append(start_worker(tmp_path, workers, 1, *args))
+    for worker in first:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 75, stderr[-3000:]
+        assert f"preempted at step {STEPS_PER_EPOCH + 3} " in stderr
+
+    second = [start_worker(tmp_path, workers, index, *args) for index in (0, 1)]
+    for worker in second:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+
+    assert history_epochs(tmp_path) == [1, 2]
+    assert model_dir_entries(tmp_path) == ["1"]
+    assert not list((tmp_path / "run").glob(".scratch-*"))
