@@ -1,7 +1,8 @@
 """Rollouts under faults on two real embedded replicas (issue #20): `convstack rollout run`
-SIGKILLed at its config writes and rerun, and a replica killed during the canary's observation
-and then down before the next verb starts. A client calls `stable` on the live replicas
-throughout; none of its calls may fail.
+SIGKILLed at its config writes and rerun (then a broken hand edit of the config, and the stable
+version's directory removed), and a replica killed during the canary's observation and then
+down before the next verb starts. A client calls `stable` on the live replicas throughout; none
+of its calls may fail.
 
 The kills use the rollout's crash points (serving/rollout/crash_points.py).
 """
@@ -9,6 +10,7 @@ The kills use the rollout's crash points (serving/rollout/crash_points.py).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -131,9 +133,28 @@ def test_a_rollout_killed_at_each_config_write_is_finished_by_its_rerun(replicas
                 assert rerun_records[-1]["outcome"] == "ok", rerun_records[-1]
 
         again = rollout_cli("run", "2", *common, *golden)
+        # A broken hand edit: the replicas keep their last good config; the run is recorded.
+        good = replicas.config_path.read_text()
+        replicas.config_path.write_text(good.replace("}", "", 1) + "\nnot a field\n")
+        broken = rollout_cli("run", "2", *common, *golden)
+        replicas.config_path.write_text(good)
 
     assert again.returncode == 0, again.stderr
     assert "version 2 is already stable: nothing to do" in again.stdout
+    assert broken.returncode == 1, broken.stdout
+    assert (
+        broken.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"convstack rollout run: file:{replicas.config_path}")
+    )
+    last = read_history(replicas.model_dir)[-1]
+    assert (last["action"], last["outcome"]) == ("run", "failed")
+    # The stable version's directory removed by hand: status says what a restart would lose.
+    shutil.rmtree(replicas.model_dir / "2")
+    status = rollout_cli("status", *common)
+    assert "warning: stable version 2 is missing on disk; a replica restart will lose it" in (
+        status.stdout
+    )
     print(f"kills at {len(KILLS)} writes: {traffic.calls} calls to stable, "
           f"{len(traffic.failures)} failed")  # fmt: skip
     assert traffic.failures == []
