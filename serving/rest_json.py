@@ -540,9 +540,11 @@ def float32_json_values(values) -> list:
     floats holding exactly those decimals, so json.dumps writes 0.1 (not float32's exact
     0.10000000149011612) and 0.333333343 for float32(1/3), as TF Serving does."""
     flat = np.asarray(values, dtype=np.float32)
-    return np.array(
-        [_tf_serving_decimal(value) for value in flat.ravel().tolist()], dtype=np.float64
-    ).reshape(flat.shape).tolist()
+    return (
+        np.array([_tf_serving_decimal(value) for value in flat.ravel().tolist()], dtype=np.float64)
+        .reshape(flat.shape)
+        .tolist()
+    )
 
 
 def _tf_serving_decimal(value: float) -> float:

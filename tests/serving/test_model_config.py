@@ -216,7 +216,7 @@ EDGE_CASES = [
         'config { name: "c" base_path: "/m/c" model_platform: "tensorflow" '
         'model_version_policy { latest { } } version_labels { key: "stable" value: 9 } }',
         'config { name: "c" base_path: "/m/c" model_platform: "tensorflow" '
-        'model_version_policy { specific { versions: 1 } } '
+        "model_version_policy { specific { versions: 1 } } "
         'version_labels { key: "stable" value: 9 } }',
         "label 'stable' points at version 9, which is not among the specific versions [1]",
     ),
