@@ -39,18 +39,27 @@ def test_predict_with_version_label_and_latest(server):
     assert np.array_equal(labelled["classes"], first["classes"])
 
 
-def test_results_match_the_sync_client(server):
+def test_results_match_the_model_and_the_sync_client(server):
+    """Against the trained Keras model called in-process (an oracle that shares no client or
+    server code), and against the sync client."""
+    import tensorflow as tf
+
+    from tests.trainer import export_helpers
+
     async def outputs():
         async with AsyncPredictionClient(server.target, MODEL) as client:
             return await client.predict(X), await client.predict_many(X, batch_size=3)
 
     single, many = run(outputs())
     with PredictionClient(server.target, MODEL) as client:
-        expected = client.predict(X)
+        sync = client.predict(X)
+    model = tf.nn.softmax(export_helpers.trained_model()(X, training=False)).numpy()
 
-    assert np.array_equal(single["classes"], expected["classes"])
-    assert np.array_equal(many["classes"], expected["classes"])
-    np.testing.assert_allclose(many["probabilities"], expected["probabilities"], atol=1e-6)
+    assert np.array_equal(single["classes"], model.argmax(axis=1))
+    np.testing.assert_allclose(single["probabilities"], model, atol=1e-5)
+    assert np.array_equal(many["classes"], model.argmax(axis=1))
+    np.testing.assert_allclose(many["probabilities"], model, atol=1e-5)
+    assert np.array_equal(sync["classes"], single["classes"])
 
 
 def test_predict_many_keeps_order_with_concurrency(server):
@@ -64,6 +73,10 @@ def test_predict_many_keeps_order_with_concurrency(server):
 
     one_by_one, many = run(outputs())
 
+    from tests.trainer import export_helpers
+
+    model_classes = export_helpers.trained_model()(rows, training=False).numpy().argmax(axis=1)
+    assert np.array_equal(many["classes"], model_classes)
     assert np.array_equal(many["classes"], [p["classes"][0] for p in one_by_one])
 
 

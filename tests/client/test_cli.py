@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convstack.client import PredictionClient, load_images
+from convstack.client import PredictionClient
 from convstack.client.cli import metadata_main, predict_main, status_main
 from convstack.common.ports import free_ports
 from tests.client.conftest import MODEL, images
@@ -44,8 +44,21 @@ def _table(out: str) -> list[list[str]]:
 
 
 def _expected(server, paths, **choice):
-    with PredictionClient(server.target, MODEL, **choice) as client:
-        return client.predict(load_images(paths, SHAPE))
+    """What the trained model answers for the files, with the images prepared by TensorFlow's
+    own decoders and the model called in-process: no client code on this path. Every version
+    the test server holds is a copy of that one export."""
+    import tensorflow as tf
+
+    from tests.trainer import export_helpers
+
+    batch = []
+    for path in paths:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=1, expand_animations=False)
+        image = tf.image.convert_image_dtype(image, tf.float32)
+        batch.append(tf.image.resize(image, SHAPE[1:3], antialias=True))
+    logits = export_helpers.trained_model()(tf.stack(batch), training=False)
+    probabilities = tf.nn.softmax(logits).numpy()
+    return {"classes": probabilities.argmax(axis=1), "probabilities": probabilities}
 
 
 def test_predict_prints_a_table_of_files_classes_and_probabilities(server, files, capsys):
@@ -56,7 +69,10 @@ def test_predict_prints_a_table_of_files_classes_and_probabilities(server, files
     assert [row[0] for row in rows] == files
     assert [int(row[1]) for row in rows] == expected["classes"].tolist()
     best = expected["probabilities"].max(axis=1)
-    assert [float(row[2]) for row in rows] == pytest.approx(best.tolist(), abs=5e-5)
+    # The PNGs are the model's size (no resizing); the JPEG is resized by two different
+    # resamplers, so its probability is only close.
+    assert [float(row[2]) for row in rows][:2] == pytest.approx(best[:2].tolist(), abs=5e-5)
+    assert float(rows[2][2]) == pytest.approx(float(best[2]), abs=0.05)
 
 
 @pytest.mark.parametrize(

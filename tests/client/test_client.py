@@ -84,15 +84,22 @@ def test_server_errors_carry_code_and_message(server):
 
 
 def test_predict_many_reassembles_results_in_input_order(client):
+    """Against the trained Keras model called in-process (no client, no server involved), and
+    against one-by-one predicts."""
+    import tensorflow as tf
+
+    from tests.trainer import export_helpers
+
     rows = images(23, seed=11)
+    logits = export_helpers.trained_model()(rows, training=False)
+    expected = tf.nn.softmax(logits).numpy()
     one_by_one = [client.predict(rows[i : i + 1]) for i in range(len(rows))]
 
     outputs = client.predict_many(rows, batch_size=4, concurrency=3)
 
+    assert np.array_equal(outputs["classes"], expected.argmax(axis=1))
+    np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-5)
     assert np.array_equal(outputs["classes"], [p["classes"][0] for p in one_by_one])
-    np.testing.assert_allclose(
-        outputs["probabilities"], [p["probabilities"][0] for p in one_by_one], atol=1e-6
-    )
 
 
 @pytest.mark.parametrize("batch_size", [None, 1000])
@@ -282,20 +289,34 @@ def test_retries_run_out_with_the_last_error(scripted):
     assert len(scripted.service.calls) == 3
 
 
-@pytest.mark.parametrize(
-    ("retry_codes", "calls"), [(("UNAVAILABLE",), 1), (("UNAVAILABLE", "RESOURCE_EXHAUSTED"), 2)]
-)
-def test_only_the_configured_codes_are_retried(scripted, retry_codes, calls):
+def test_a_code_not_configured_for_retry_fails_at_once(scripted):
     scripted.service.failures = [grpc.StatusCode.RESOURCE_EXHAUSTED]
-    client = PredictionClient(scripted.target, MODEL, retry_codes=retry_codes, backoff=(0.01, 0.05))
+    client = PredictionClient(
+        scripted.target, MODEL, retry_codes=("UNAVAILABLE",), backoff=(0.01, 0.05)
+    )
+
+    with client, pytest.raises(PredictionError) as caught:
+        client.predict(np.ones((1, 2), np.float32))
+
+    assert caught.value.code == "RESOURCE_EXHAUSTED"
+    assert len(scripted.service.calls) == 1
+
+
+def test_a_code_configured_for_retry_is_retried_to_success(scripted):
+    scripted.service.failures = [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    client = PredictionClient(
+        scripted.target,
+        MODEL,
+        retry_codes=("UNAVAILABLE", "RESOURCE_EXHAUSTED"),
+        backoff=(0.01, 0.05),
+    )
 
     with client:
-        try:
-            client.predict(np.ones((1, 2), np.float32))
-        except PredictionError as error:
-            assert error.code == "RESOURCE_EXHAUSTED"
+        prediction = client.predict(np.full((1, 2), 3.0, np.float32))
 
-    assert len(scripted.service.calls) == calls
+    assert prediction.version == 7  # the scripted server's answer, echoing x as y
+    np.testing.assert_array_equal(prediction.outputs["y"], [[3.0, 3.0]])
+    assert len(scripted.service.calls) == 2
 
 
 def test_metadata_goes_with_every_call(scripted):
