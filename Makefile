@@ -62,8 +62,11 @@ predict: setup
 	@test -n "$(IMAGES)" || { echo "usage: make predict IMAGES='a.png b.png'"; exit 2; }
 	$(CONVSTACK) predict --target $(TARGET) --model digits $(if $(LABEL),--label $(LABEL)) $(IMAGES)
 
+# Two pytest workers (one per core here); a test module stays on one worker, so its module
+# servers start once. PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
