@@ -7,6 +7,12 @@ Conv2D -> Dense model learns it to near 100% in a second.
 from __future__ import annotations
 
 import functools
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import keras
@@ -94,3 +100,47 @@ def export_kwargs(model_base: Path, **overrides) -> dict:
     }
     kwargs.update(overrides)
     return kwargs
+
+
+ROOT = Path(__file__).resolve().parents[2]
+# An exporter of the tiny model that stops just before its rename, says where it stages, and
+# waits there (for the test to kill it).
+_PAUSED_EXPORT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from tests.trainer import export_helpers as helpers
+    from convstack.trainer import export
+
+    def pause(temp_dir):
+        print("READY", temp_dir, flush=True)
+        time.sleep(600)
+
+    export._before_rename = pause
+    export.export_version(helpers.build_tiny_model(), **helpers.export_kwargs(Path(sys.argv[1])))
+    """
+)
+
+
+def start_paused_export(model_base: Path, timeout: float) -> tuple[subprocess.Popen, Path]:
+    """A subprocess exporting into `model_base`, paused before its rename: the process and its
+    staging directory, once it is there. The caller kills the process."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PAUSED_EXPORT, str(model_base)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if line.startswith("READY"):
+                return process, Path(line.split()[1])
+            if not line:
+                break
+    process.kill()
+    raise AssertionError(f"exporter never printed READY: {process.stderr.read()[-2000:]}")

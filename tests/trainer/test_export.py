@@ -5,12 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import select
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -22,8 +17,6 @@ import tensorflow as tf
 from convstack.trainer import export, model_card, signatures, tflite_export, warmup
 from convstack.trainer.errors import ExportError, VersionExistsError
 from tests.trainer import export_helpers as helpers
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -275,48 +268,9 @@ def test_numpy_integer_version_is_accepted(model, tmp_path):
     assert type(result.version) is int and result.path.name == "4"
 
 
-_INTERRUPTED_EXPORT = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    from tests.trainer import export_helpers as helpers
-    from convstack.trainer import export
-
-    def hang(temp_dir):
-        print("READY", temp_dir, flush=True)
-        time.sleep(300)
-
-    export._before_rename = hang
-    export.export_version(helpers.build_tiny_model(), **helpers.export_kwargs(Path(sys.argv[1])))
-    """
-)
-
-
-def _wait_for_line(process: subprocess.Popen, prefix: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            line = process.stdout.readline()
-            if line.startswith(prefix):
-                return line
-            if not line:
-                break
-    process.kill()
-    raise AssertionError(f"exporter never printed {prefix!r}: {process.stderr.read()[-2000:]}")
-
-
 @pytest.mark.slow
 def test_export_killed_before_rename_leaves_no_version(model, tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-c", _INTERRUPTED_EXPORT, str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for_line(process, "READY", timeout=120)
+    process, _ = helpers.start_paused_export(tmp_path, timeout=120)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     model_dir = tmp_path / "tiny"

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -91,48 +88,10 @@ def test_a_rerun_finishes_a_killed_export_of_an_explicit_version(tmp_path):
 
 # --- a live exporter's staging directory -------------------------------------------------------
 
-_PAUSED_EXPORT = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    from tests.trainer import export_helpers as helpers
-    from convstack.trainer import export
-
-    def pause(temp_dir):
-        print("READY", temp_dir, flush=True)
-        time.sleep(600)
-
-    export._before_rename = pause
-    export.export_version(helpers.build_tiny_model(), **helpers.export_kwargs(Path(sys.argv[1])))
-    """
-)
-
-
-def _wait_for_line(process: subprocess.Popen, prefix: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            line = process.stdout.readline()
-            if line.startswith(prefix):
-                return line
-            if not line:
-                break
-    process.kill()
-    raise AssertionError(f"exporter never printed {prefix!r}: {process.stderr.read()[-2000:]}")
-
 
 def test_a_live_exporters_staging_survives_and_a_dead_ones_is_removed(tmp_path):
-    paused = subprocess.Popen(
-        [sys.executable, "-c", _PAUSED_EXPORT, str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    paused, staging = helpers.start_paused_export(tmp_path, timeout=300)
     try:
-        staging = Path(_wait_for_line(paused, "READY", timeout=300).split()[1])
         model = helpers.trained_model()
         model_dir = tmp_path / "tiny"
 
