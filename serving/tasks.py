@@ -19,6 +19,7 @@ import numpy as np
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import classification_pb2, input_pb2, regression_pb2
 
+from convstack.client.tensors import DTYPE_TO_ENUM, dtype_name
 from convstack.serving.errors import FailedPrecondition, Internal, InvalidArgument, Unimplemented
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -198,10 +199,11 @@ def _check_matrix(what: str, array: np.ndarray | None, kind: str, num_examples: 
 
 
 def _dtype_name(array: np.ndarray) -> str:
+    """The DataType name TF Serving's messages print (DataType_Name)."""
     if array.dtype.kind in "OSU":
         return "DT_STRING"
-    names = {"float64": "DT_DOUBLE", "float16": "DT_HALF", "bool": "DT_BOOL"}
-    return names.get(array.dtype.name, "DT_" + array.dtype.name.upper())
+    enum = DTYPE_TO_ENUM.get(array.dtype)
+    return dtype_name(enum) if enum is not None else f"<dtype {array.dtype}>"
 
 
 def classification_result(
