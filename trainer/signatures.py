@@ -48,10 +48,75 @@ def _outputs(logits: tf.Tensor) -> dict[str, tf.Tensor]:
     return {PROBABILITIES: probabilities, CLASSES: classes}
 
 
+# What one predict_image_bytes request may decode, in pixels over all its images. A PNG or JPEG
+# header can declare far more pixels than its bytes hold (389 KB of PNG decode to a 20000 x 20000
+# image, 400 MB as uint8 and 1.6 GB as floats), so the graph reads the sizes from the headers and
+# refuses the request before decoding anything. 4096 x 4096 keeps one request's decoded floats
+# near 256 MB for colour images, the server's default --max_request_tensor_bytes.
+MAX_DECODED_PIXELS = 4096 * 4096
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_START = b"\xff\xd8\xff"
+# A PNG's IHDR chunk holds its width and height as big-endian uint32 at bytes 16..24.
+_PNG_SIZE_OFFSET = 16
+_BIG_ENDIAN_UINT32 = (1 << 24, 1 << 16, 1 << 8, 1)
+
+
+def _png_pixels(data: tf.Tensor) -> tf.Tensor:
+    header = tf.io.decode_raw(tf.strings.substr(data, _PNG_SIZE_OFFSET, 8), tf.uint8)
+    width_height = tf.reshape(tf.cast(header, tf.int64), (2, 4))
+    width, height = tf.unstack(tf.reduce_sum(width_height * _BIG_ENDIAN_UINT32, axis=1))
+    return width * height
+
+
+def _jpeg_pixels(data: tf.Tensor) -> tf.Tensor:
+    shape = tf.io.extract_jpeg_shape(data, output_type=tf.int64)
+    return shape[0] * shape[1]
+
+
+def declared_pixels(data: tf.Tensor) -> tf.Tensor:
+    """The pixel count a PNG's or JPEG's header declares (int64), read without decoding; -1 when
+    `data` is neither."""
+    is_png = tf.logical_and(
+        tf.strings.length(data) >= _PNG_SIZE_OFFSET + 8,
+        tf.equal(tf.strings.substr(data, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE),
+    )
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, len(_JPEG_START)), _JPEG_START)
+    return tf.case(
+        [(is_png, lambda: _png_pixels(data)), (is_jpeg, lambda: _jpeg_pixels(data))],
+        default=lambda: tf.constant(-1, tf.int64),
+    )
+
+
+def _check_declared_sizes(image_bytes: tf.Tensor) -> list[tf.Operation]:
+    """Assertions (InvalidArgument, one line) that every element is a PNG or JPEG and that all
+    of them together declare at most MAX_DECODED_PIXELS."""
+    pixels = tf.map_fn(declared_pixels, image_bytes, fn_output_signature=tf.int64)
+    unknown = tf.where(pixels < 0)[:, 0]
+    first_unknown = tf.concat([unknown, [-1]], axis=0)[0]  # -1 when every element is known
+    formats = tf.debugging.Assert(
+        tf.equal(tf.size(unknown), 0),
+        [tf.strings.format("image_bytes[{}] is neither a PNG nor a JPEG", first_unknown)],
+    )
+    total = tf.reduce_sum(tf.maximum(pixels, 0))
+    sizes = tf.debugging.Assert(
+        total <= MAX_DECODED_PIXELS,
+        [
+            tf.strings.format(
+                "image_bytes: the images declare {} pixels in all; one request may decode at "
+                "most {}",
+                (total, MAX_DECODED_PIXELS),
+            )
+        ],
+    )
+    return [formats, sizes]
+
+
 def decode_images(image_bytes: tf.Tensor, shape: tuple[int, int, int]) -> tf.Tensor:
     """Decode PNG/JPEG strings [batch] into float32 [batch, H, W, C] in [0, 1].
 
-    The same preprocessing clients apply to `images`: [0, 1] floats, bilinear resize.
+    The same preprocessing clients apply to `images`: [0, 1] floats, bilinear resize. Other
+    formats, and images declaring more than MAX_DECODED_PIXELS in all, are refused before
+    anything is decoded.
     """
     height, width, channels = shape
 
@@ -60,9 +125,11 @@ def decode_images(image_bytes: tf.Tensor, shape: tuple[int, int, int]) -> tf.Ten
         image = tf.image.convert_image_dtype(image, tf.float32)
         return tf.image.resize(image, (height, width), method="bilinear")
 
+    with tf.control_dependencies(_check_declared_sizes(image_bytes)):
+        checked = tf.identity(image_bytes)
     return tf.map_fn(
         decode_one,
-        image_bytes,
+        checked,
         fn_output_signature=tf.TensorSpec((height, width, channels), tf.float32),
     )
 

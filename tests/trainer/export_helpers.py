@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import os
 import select
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 import keras
@@ -144,3 +146,20 @@ def start_paused_export(model_base: Path, timeout: float) -> tuple[subprocess.Po
                 break
     process.kill()
     raise AssertionError(f"exporter never printed READY: {process.stderr.read()[-2000:]}")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A valid greyscale PNG of `width` x `height` black pixels, built row by row so that a
+    header declaring hundreds of megapixels costs a few hundred kilobytes and no big buffer."""
+    compressor = zlib.compressobj(9)
+    row = bytes(1 + width)  # filter byte 0, then the row's pixels
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )

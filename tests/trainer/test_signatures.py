@@ -131,6 +131,45 @@ def test_image_bytes_accepts_jpeg_of_another_size_and_colour(loaded):
     )
 
 
+def test_image_bytes_refuses_declared_sizes_beyond_the_limit_before_decoding(loaded):
+    """389 KB of PNG declare 20000 x 20000 pixels (400 MB decoded, 1.6 GB as floats): refused
+    from the header, as is a batch whose images together pass the limit."""
+    bomb = helpers.png_declaring(20_000, 20_000)
+    side = 2_048  # four of these are exactly the limit; a fifth passes it
+    assert 4 * side * side == signatures.MAX_DECODED_PIXELS
+    at_limit = [helpers.png_declaring(side, side)] * 4
+
+    for batch, total in (([bomb], 20_000 * 20_000), ([*at_limit, at_limit[0]], 5 * side * side)):
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            loaded.signatures["predict_image_bytes"](image_bytes=tf.constant(batch))
+        assert (
+            f"image_bytes: the images declare {total} pixels in all; one request may decode at "
+            f"most {signatures.MAX_DECODED_PIXELS}"
+        ) in caught.value.message
+
+    outputs = loaded.signatures["predict_image_bytes"](image_bytes=tf.constant(at_limit))
+    assert outputs["classes"].shape == (4,)
+
+
+def test_image_bytes_names_the_element_that_is_neither_png_nor_jpeg(loaded):
+    images, _ = helpers.synthetic_data(2, seed=8)
+    pngs = signatures.encode_png(images)
+    gif = b"GIF89a" + bytes(40)
+
+    for batch, index in (([*pngs, gif], 2), ([b""], 0), ([pngs[0][:20]], 0)):
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            loaded.signatures["predict_image_bytes"](image_bytes=tf.constant(batch))
+        assert f"image_bytes[{index}] is neither a PNG nor a JPEG" in caught.value.message
+
+
+def test_declared_pixels_reads_png_and_jpeg_headers():
+    jpeg = tf.io.encode_jpeg(np.zeros((50, 60, 3), np.uint8))
+
+    assert int(signatures.declared_pixels(helpers.png_declaring(300, 7))) == 2_100
+    assert int(signatures.declared_pixels(jpeg)) == 3_000
+    assert int(signatures.declared_pixels(tf.constant(b"BM" + bytes(60)))) == -1
+
+
 def test_png_round_trip_quantises_to_8_bits():
     images, _ = helpers.synthetic_data(3, seed=6)
 

@@ -6,6 +6,7 @@ by a generous allowance per request (never by time)."""
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
@@ -14,6 +15,7 @@ from tests.serving.conformance.conftest import MODEL, launch, write_config
 from tests.serving.conformance.requests import metadata_request, predict_request, status_request
 from tests.serving.helpers import make_repository
 from tests.serving.memory import MIB, rss_bytes
+from tests.trainer import export_helpers
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +130,25 @@ def test_declared_sizes_beyond_the_limit_are_refused_before_allocating(server, g
     growth = rss_bytes(server.process.pid) - before
     # Generous: 16 MiB of allocator noise plus 64 KiB per request, against 6.4 MB each to run.
     assert growth <= 16 * MIB + repeats * 64 * 1024, f"RSS grew {growth / MIB:.1f} MiB"
+    still_serving(server, golden)
+
+
+def test_image_headers_declaring_huge_images_are_refused_before_decoding(server, golden):
+    """A 389 KB PNG declares 20000 x 20000 pixels: decoding it took 1 GB of RSS and more as
+    floats. The exported graph reads the header first and answers INVALID_ARGUMENT."""
+    bomb = np.array([export_helpers.png_declaring(20_000, 20_000)], dtype=object)
+    request = predict_request({"image_bytes": bomb}, signature="predict_image_bytes")
+    predict = server.prediction().Predict
+
+    repeats = 5
+    before = rss_bytes(server.process.pid)
+    for _ in range(repeats):
+        error = rpc_error(predict, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "image_bytes: the images declare 400000000 pixels in all" in error.details()
+    growth = rss_bytes(server.process.pid) - before
+    # Generous against the 400 MB each would take to decode: the request bytes, parsed.
+    assert growth <= 64 * MIB, f"RSS grew {growth / MIB:.1f} MiB"
     still_serving(server, golden)
 
 
