@@ -11,6 +11,11 @@ Two ways to load a server:
   omission). In-flight requests are bounded: beyond `max_outstanding` a due request is not sent
   and is counted as a `CLIENT_OVERLOAD` error.
 
+Besides TF Serving's gRPC Predict and REST `:predict` (columnar `inputs` by default, or the row
+format `instances` with `rest_format="row"`), it speaks the v2 inference protocol's gRPC
+ModelInfer (`protocol="grpc-v2"`, as KServe and Triton serve it; inputs as raw contents), so one
+generator can drive a peer server with the same shapes.
+
 Each request is encoded once, before the clock starts (the serialized PredictRequest for gRPC,
 the JSON body for REST), so the measurement holds the transport and the server, not numpy
 conversion. Responses are parsed as a client would (protobuf or JSON), not converted to numpy.
@@ -42,6 +47,7 @@ __all__ = [
     "LoadSpec",
     "arrival_offsets",
     "latency_summary",
+    "model_infer_request_bytes",
     "outstanding_limit",
     "predict_request_bytes",
     "rest_predict_body",
@@ -51,6 +57,24 @@ __all__ = [
 ]
 
 PREDICT_METHOD = "/tensorflow.serving.PredictionService/Predict"
+MODEL_INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+PROTOCOLS = ("grpc", "rest", "grpc-v2")
+REST_FORMATS = ("columnar", "row")
+# numpy dtype -> the v2 protocol's datatype names.
+V2_DATATYPES = {
+    "float32": "FP32",
+    "float64": "FP64",
+    "float16": "FP16",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
+    "bool": "BOOL",
+}
 DEFAULT_DURATION = 10.0
 # A request sent this long after its scheduled time counts as late (asyncio's timers are only
 # precise to about a millisecond, so smaller lags are the event loop, not an overloaded client).
@@ -77,7 +101,7 @@ class LoadSpec:
     """
 
     target: str  # "host:port" (gRPC) or "http://host:port" (REST)
-    protocol: Literal["grpc", "rest"]
+    protocol: Literal["grpc", "rest", "grpc-v2"]
     model_name: str
     inputs: dict[str, np.ndarray]  # one request's inputs, batch dimension included
     signature_name: str = "serving_default"
@@ -92,6 +116,7 @@ class LoadSpec:
     timeout: float = 30.0  # seconds per request
     max_outstanding: int | None = None  # open loop cap; None: derived from rate and warmup
     seed: int = 0  # of the Poisson schedule
+    rest_format: Literal["columnar", "row"] = "columnar"  # REST body: "inputs" or "instances"
 
     def __post_init__(self) -> None:
         if self.concurrency is None and self.rate is None:
@@ -110,13 +135,20 @@ class LoadSpec:
 
 def _spec_problem(spec: LoadSpec) -> str | None:
     checks = [
-        (spec.protocol in ("grpc", "rest"), f"protocol is grpc or rest, not {spec.protocol!r}"),
+        (
+            spec.protocol in PROTOCOLS,
+            f"protocol is one of {', '.join(PROTOCOLS)}, not {spec.protocol!r}",
+        ),
+        (
+            spec.rest_format in REST_FORMATS,
+            f"rest_format is columnar or row, not {spec.rest_format!r}",
+        ),
         (
             spec.protocol != "rest" or spec.target.startswith(("http://", "https://")),
             f"a REST target starts with http:// or https://, got {spec.target!r}",
         ),
         (
-            spec.protocol != "grpc" or not spec.target.startswith(("http://", "https://")),
+            spec.protocol == "rest" or not spec.target.startswith(("http://", "https://")),
             f"a gRPC target is host:port (or a gRPC URI such as dns:///), got {spec.target!r}",
         ),
         (bool(spec.model_name), "model_name is empty"),
@@ -230,15 +262,48 @@ def _json_strings(value):
     return value
 
 
+def _json_values(array: np.ndarray) -> list:
+    values = array.tolist()
+    return _json_strings(values) if array.dtype.kind in "OSU" else values
+
+
 def rest_predict_body(spec: LoadSpec) -> bytes:
-    """The columnar JSON body ({"signature_name", "inputs": {name: values}}) of every REST call."""
-    inputs = {}
-    for name, value in spec.inputs.items():
-        array = np.asarray(value)
-        values = array.tolist()
-        inputs[name] = _json_strings(values) if array.dtype.kind in "OSU" else values
-    body = {"signature_name": spec.signature_name, "inputs": inputs}
+    """The JSON body of every REST call: columnar ({"signature_name", "inputs": {name: values}})
+    or, with `rest_format="row"`, TF Serving's row format ({"signature_name", "instances": [...]}:
+    one value per row for a single input, else one {name: value} object per row)."""
+    arrays = {name: np.asarray(value) for name, value in spec.inputs.items()}
+    if spec.rest_format == "row":
+        if len(arrays) == 1:
+            instances = _json_values(next(iter(arrays.values())))
+        else:
+            columns = {name: _json_values(array) for name, array in arrays.items()}
+            rows = len(next(iter(columns.values())))
+            instances = [{name: column[i] for name, column in columns.items()} for i in range(rows)]
+        body = {"signature_name": spec.signature_name, "instances": instances}
+    else:
+        inputs = {name: _json_values(array) for name, array in arrays.items()}
+        body = {"signature_name": spec.signature_name, "inputs": inputs}
     return json.dumps(body, separators=(",", ":")).encode()
+
+
+def model_infer_request_bytes(spec: LoadSpec) -> bytes:
+    """The serialized v2 ModelInferRequest (inputs as raw little-endian contents) of every
+    grpc-v2 call; a version label has no v2 equivalent and is refused."""
+    from convstack.client.wire import inference_v2_pb2
+
+    if spec.version_label is not None:
+        raise ValueError("LoadSpec: the v2 protocol has no version labels")
+    request = inference_v2_pb2.ModelInferRequest(model_name=spec.model_name)
+    if spec.version is not None:
+        request.model_version = str(spec.version)
+    for name, value in spec.inputs.items():
+        array = np.ascontiguousarray(value)
+        datatype = V2_DATATYPES.get(array.dtype.name)
+        if datatype is None:
+            raise ValueError(f"LoadSpec: input {name!r} is {array.dtype}, not a v2 numeric type")
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    return request.SerializeToString()
 
 
 def rest_model_url(
@@ -265,11 +330,21 @@ def rest_predict_url(spec: LoadSpec) -> str:
 
 
 class _GrpcTransport:
-    """One grpc.aio channel (HTTP/2 multiplexes every concurrent call over it)."""
+    """One grpc.aio channel (HTTP/2 multiplexes every concurrent call over it); TF Serving's
+    Predict or, for grpc-v2, the v2 protocol's ModelInfer."""
 
     def __init__(self, spec: LoadSpec):
         self._spec = spec
-        self._request = predict_request_bytes(spec)
+        if spec.protocol == "grpc-v2":
+            from convstack.client.wire import inference_v2_pb2
+
+            self._method = MODEL_INFER_METHOD
+            self._request = model_infer_request_bytes(spec)
+            self._parse = inference_v2_pb2.ModelInferResponse.FromString
+        else:
+            self._method = PREDICT_METHOD
+            self._request = predict_request_bytes(spec)
+            self._parse = predict_pb2.PredictResponse.FromString
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> Sender:
@@ -282,9 +357,7 @@ class _GrpcTransport:
         )
         # No request serializer: the request was serialized once, up front.
         predict = self._channel.unary_unary(
-            PREDICT_METHOD,
-            request_serializer=None,
-            response_deserializer=predict_pb2.PredictResponse.FromString,
+            self._method, request_serializer=None, response_deserializer=self._parse
         )
         request, timeout = self._request, self._spec.timeout
 
@@ -344,7 +417,7 @@ class _RestTransport:
 
 
 def _transport(spec: LoadSpec, in_flight: int):
-    if spec.protocol == "grpc":
+    if spec.protocol in ("grpc", "grpc-v2"):
         return _GrpcTransport(spec)
     return _RestTransport(spec, in_flight)
 

@@ -17,6 +17,7 @@ from convstack.client.loadgen import (
     LoadResult,
     LoadSpec,
     arrival_offsets,
+    model_infer_request_bytes,
     predict_request_bytes,
     rest_predict_body,
     rest_predict_url,
@@ -60,7 +61,7 @@ def test_spec_defaults_to_one_worker_for_ten_seconds():
         ({"rate": 0.0}, "rate must be > 0"),
         ({"count": 0}, "count must be >= 1"),
         ({"inputs": {}}, "inputs is empty"),
-        ({"protocol": "http"}, "protocol is grpc or rest"),
+        ({"protocol": "http"}, "protocol is one of grpc, rest, grpc-v2"),
         ({"protocol": "rest"}, "REST target starts with http://"),
         ({"target": "http://127.0.0.1:1"}, "gRPC target is host:port"),
     ],
@@ -126,6 +127,82 @@ def test_result_json_turns_missing_latencies_into_null():
     assert json.loads(json.dumps(result.to_json()))["latency_ms"]["p99"] is None
 
 
+def test_rest_row_body_is_tf_servings_instances():
+    one = json.loads(rest_predict_body(spec("http://h:1", "rest", rest_format="row")))
+    assert set(one) == {"signature_name", "instances"}
+    np.testing.assert_array_equal(np.array(one["instances"], np.float32), IMAGES)
+    two = {"a": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), "b": np.array([b"x", b"y"], object)}
+    body = json.loads(rest_predict_body(spec("http://h:1", "rest", inputs=two, rest_format="row")))
+    assert body["instances"] == [
+        {"a": [1.0, 2.0], "b": {"b64": "eA=="}},
+        {"a": [3.0, 4.0], "b": {"b64": "eQ=="}},
+    ]
+    with pytest.raises(ValueError, match="rest_format is columnar or row"):
+        spec(rest_format="rows")
+
+
+def test_v2_request_carries_raw_little_endian_inputs_and_a_string_version():
+    from convstack.client.wire import inference_v2_pb2
+
+    request = inference_v2_pb2.ModelInferRequest.FromString(
+        model_infer_request_bytes(spec(protocol="grpc-v2", version=3))
+    )
+    assert (request.model_name, request.model_version) == ("tiny", "3")
+    (tensor,) = request.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == ("images", "FP32", [2, 28, 28, 1])
+    decoded = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(IMAGES.shape)
+    np.testing.assert_array_equal(decoded, IMAGES)
+    with pytest.raises(ValueError, match="no version labels"):
+        model_infer_request_bytes(spec(protocol="grpc-v2", version_label="stable"))
+    with pytest.raises(ValueError, match="not a v2 numeric type"):
+        model_infer_request_bytes(spec(protocol="grpc-v2", inputs={"s": np.array([b"x"], object)}))
+    with pytest.raises(ValueError, match="protocol is one of grpc, rest, grpc-v2"):
+        spec(protocol="grpc2")
+
+
+def test_v2_requests_reach_a_model_infer_server_and_its_errors_are_counted():
+    """A loopback gRPC server with the v2 ModelInfer method: what arrives is the request built
+    once; an unknown model answers NOT_FOUND, counted by name."""
+    import grpc
+
+    from convstack.client.wire import inference_v2_pb2
+
+    received = []
+
+    async def infer(request_bytes, context):
+        request = inference_v2_pb2.ModelInferRequest.FromString(request_bytes)
+        received.append(request)
+        if request.model_name != "tiny":
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such model")
+        response = inference_v2_pb2.ModelInferResponse(model_name="tiny")
+        response.outputs.add(name="y", datatype="FP32", shape=[2, 10])
+        response.raw_output_contents.append(np.zeros((2, 10), "<f4").tobytes())
+        return response.SerializeToString()
+
+    async def scenario():
+        server = grpc.aio.server()
+        handler = grpc.method_handlers_generic_handler(
+            "inference.GRPCInferenceService",
+            {"ModelInfer": grpc.unary_unary_rpc_method_handler(infer)},
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            target = f"127.0.0.1:{port}"
+            ok = await run_load(spec(target, "grpc-v2", concurrency=2, count=6))
+            missing = await run_load(spec(target, "grpc-v2", model_name="nope", count=3))
+        finally:
+            await server.stop(None)
+        return ok, missing
+
+    ok, missing = asyncio.run(scenario())
+    assert (ok.requests, ok.ok, ok.errors) == (6, 6, {})
+    assert missing.errors == {"NOT_FOUND": 3}
+    first = received[0]
+    assert first.inputs[0].name == "images" and list(first.inputs[0].shape) == [2, 28, 28, 1]
+
+
 # --- against a real server --------------------------------------------------------------------
 
 
@@ -165,6 +242,33 @@ def test_closed_loop_over_rest_sends_exactly_count_requests(server):
     result = run_load_sync(spec(server.rest_target, "rest", concurrency=3, count=25, version=1))
     assert (result.requests, result.ok, result.errors) == (25, 25, {})
     _assert_percentiles_ordered(result)
+
+
+@pytest.mark.slow
+def test_row_format_body_is_served_with_the_columnar_bodys_predictions(server):
+    """The row format the peer benchmark sends (KServe's v1 is TF Serving's) against our server:
+    accepted, and the same predictions as the columnar body."""
+    import urllib.request
+
+    answers = {}
+    for rest_format in ("columnar", "row"):
+        load = spec(server.rest_target, "rest", rest_format=rest_format)
+        request = urllib.request.Request(
+            rest_predict_url(load),
+            data=rest_predict_body(load),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answers[rest_format] = json.loads(response.read())
+    columnar, row = answers["columnar"]["outputs"], answers["row"]["predictions"]
+    assert isinstance(row, list) and len(row) == len(IMAGES)
+    if isinstance(columnar, dict):  # several outputs: one {name: value} object per row
+        for name, values in columnar.items():
+            np.testing.assert_allclose([r[name] for r in row], values, rtol=1e-6)
+    else:
+        np.testing.assert_allclose(row, columnar, rtol=1e-6)
+    result = run_load_sync(spec(server.rest_target, "rest", rest_format="row", count=10))
+    assert (result.requests, result.ok, result.errors) == (10, 10, {})
 
 
 @pytest.mark.slow
