@@ -17,14 +17,13 @@ batching_session.cc`):
   row of the last task, and the padding is sliced off the outputs.
 
 The `--batching_parameters_file` is a text-format `BatchingParameters` proto
-(`tensorflow_serving/servables/tensorflow/session_bundle_config.proto`). That proto is not
-shipped in the tensorflow-serving-api wheel, so it is parsed here, as strictly as protobuf's
-text format parser does for TF Serving.
+(`tensorflow_serving/servables/tensorflow/session_bundle_config.proto`), parsed by protobuf's
+text format parser (serving/text_protos.py declares the message, which the
+tensorflow-serving-api wheel does not ship).
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import concurrent.futures
 import copy
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convstack.serving import text_protos
 from convstack.serving.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -180,349 +180,57 @@ def _allowed_sizes_problem(sizes: tuple[int, ...], max_batch_size: int) -> tuple
     return None
 
 
-# --- text format parsing ---------------------------------------------------------------------
+# --- the text-format file --------------------------------------------------------------------
 
-# BatchingParameters fields we implement: name -> google.protobuf wrapper type, or a plain type.
-_WRAPPER_FIELDS = {
-    "max_batch_size": "Int64Value",
-    "batch_timeout_micros": "Int64Value",
-    "max_enqueued_batches": "Int64Value",
-    "num_batch_threads": "Int64Value",
-    "thread_pool_name": "StringValue",
-    "enable_large_batch_splitting": "BoolValue",
-    "max_execution_batch_size": "Int64Value",
-}
-_REPEATED_INT_FIELDS = frozenset({"allowed_batch_sizes"})
-_BOOL_FIELDS = frozenset({"pad_variable_length_inputs"})
-# Fields of TF Serving's BatchingParameters (priority batching, padding policy) that the
-# embedded server does not implement: a valid TF Serving file must still load, so they are
-# accepted with any value and a warning.
-_IGNORED_FIELDS = frozenset(
-    {
-        "low_priority_max_batch_size",
-        "low_priority_batch_timeout_micros",
-        "low_priority_max_enqueued_batches",
-        "low_priority_allowed_batch_sizes",
-        "mixed_priority_batching_policy",
-        "batch_padding_policy",
-        "num_warmup_batch_threads",
+# BatchingParameters fields held in google.protobuf wrappers: set only when written.
+_WRAPPED_FIELDS = (
+    "max_batch_size",
+    "batch_timeout_micros",
+    "max_enqueued_batches",
+    "num_batch_threads",
+    "thread_pool_name",
+    "enable_large_batch_splitting",
+    "max_execution_batch_size",
+)
+
+
+def _field_values(proto) -> dict[str, object]:
+    """The dataclass arguments a parsed BatchingParameters sets (unset wrappers keep defaults)."""
+    values: dict[str, object] = {
+        name: getattr(proto, name).value for name in _WRAPPED_FIELDS if proto.HasField(name)
     }
-)
-_WRAPPER_DEFAULTS = {"Int64Value": 0, "BoolValue": False, "StringValue": ""}
-_INT64_RANGE = range(-(2**63), 2**63)
-
-_TOKEN_RE = re.compile(
-    r"""
-    (?P<space>[ \t\r\f\v]+)
-  | (?P<newline>\n)
-  | (?P<comment>\#[^\n]*)
-  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
-  | (?P<number>[-+]?(?:0[xX][0-9A-Fa-f]+|(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?[fF]?))
-  | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<punct>[{}<>\[\]:,;])
-    """,
-    re.VERBOSE,
-)
+    if proto.allowed_batch_sizes:
+        values["allowed_batch_sizes"] = tuple(proto.allowed_batch_sizes)
+    values["pad_variable_length_inputs"] = proto.pad_variable_length_inputs
+    return values
 
 
-@dataclass(frozen=True)
-class _Token:
-    kind: str  # ident | number | string | punct | eof
-    text: str  # for strings: the decoded value
-    line: int
-
-    def is_punct(self, chars: str) -> bool:
-        return self.kind == "punct" and self.text in chars
-
-    def shown(self) -> str:
-        return "end of input" if self.kind == "eof" else repr(self.text)
+def _field_line(text: str, name: str) -> int | None:
+    """The first line (1-based) on which field `name` is written, comments aside."""
+    pattern = re.compile(rf"(?<![\w.]){re.escape(name)}\s*[:{{<\[]")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.search(line.split("#", 1)[0]):
+            return number
+    return None
 
 
-@dataclass(frozen=True)
-class _Node:
-    """One `name: value` / `name { ... }` / `name: [ ... ]` of the text."""
-
-    name: str
-    line: int
-    kind: str  # scalar | message | list
-    value: object  # _Token | list[_Node] | list[_Token | list[_Node]]
-
-
-def _tokenize(text: str, source: str) -> list[_Token]:
-    tokens, line, pos = [], 1, 0
-    while pos < len(text):
-        match = _TOKEN_RE.match(text, pos)
-        if match is None:
-            raise BatchingConfigError(
-                f"unexpected character {text[pos]!r}", source=source, line=line
-            )
-        kind, value = match.lastgroup, match.group()
-        if kind == "newline":
-            line += 1
-        elif kind == "string":
-            tokens.append(_Token(kind, _unquote(value, source, line), line))
-        elif kind in ("number", "ident", "punct"):
-            tokens.append(_Token(kind, value, line))
-        pos = match.end()
-    tokens.append(_Token("eof", "", line))
-    return tokens
-
-
-def _unquote(quoted: str, source: str, line: int) -> str:
-    try:
-        value = ast.literal_eval(quoted)
-    except (SyntaxError, ValueError) as exc:
-        raise BatchingConfigError(f"bad string {quoted}: {exc}", source=source, line=line) from None
-    return value
-
-
-class _Parser:
-    """Protobuf text format: fields, nested messages (`{}` or `<>`), lists, comments."""
-
-    def __init__(self, tokens: list[_Token], source: str) -> None:
-        self._tokens = tokens
-        self._pos = 0
-        self._source = source
-
-    def _peek(self) -> _Token:
-        return self._tokens[self._pos]
-
-    def _take(self) -> _Token:
-        token = self._tokens[self._pos]
-        self._pos = min(self._pos + 1, len(self._tokens) - 1)
-        return token
-
-    def _error(self, detail: str, token: _Token, field: str | None = None) -> BatchingConfigError:
-        return BatchingConfigError(detail, source=self._source, line=token.line, field=field)
-
-    def fields(self, closer: str | None = None) -> list[_Node]:
-        """Fields up to `closer` (a closing bracket), or to the end of input when None."""
-        nodes: list[_Node] = []
-        while True:
-            token = self._peek()
-            if token.kind == "eof" and closer is None:
-                return nodes
-            if closer is not None and token.is_punct(closer):
-                self._take()
-                return nodes
-            if token.kind == "eof":
-                raise self._error(f"expected '{closer}' before end of input", token)
-            nodes.append(self._field())
-            if self._peek().is_punct(",;"):
-                self._take()
-
-    def _field(self) -> _Node:
-        name_token = self._take()
-        if name_token.kind != "ident":
-            raise self._error(f"expected a field name, got {name_token.shown()}", name_token)
-        name, line = name_token.text, name_token.line
-        has_colon = self._peek().is_punct(":")
-        if has_colon:
-            self._take()
-        token = self._peek()
-        if token.is_punct("{<"):
-            self._take()
-            return _Node(name, line, "message", self.fields("}" if token.text == "{" else ">"))
-        if not has_colon:
-            raise self._error(
-                f"field {name}: expected ':' or '{{' after the name, got {token.shown()}",
-                token,
-                name,
-            )
-        if token.is_punct("["):
-            self._take()
-            return _Node(name, line, "list", self._list(name))
-        return _Node(name, line, "scalar", self._scalar(name))
-
-    def _scalar(self, name: str) -> _Token:
-        token = self._take()
-        if token.kind in ("number", "ident"):
-            return token
-        if token.kind == "string":
-            text = token.text
-            while self._peek().kind == "string":  # adjacent strings concatenate
-                text += self._take().text
-            return _Token("string", text, token.line)
-        raise self._error(f"field {name}: expected a value, got {token.shown()}", token, name)
-
-    def _list(self, name: str) -> list[_Token | list[_Node]]:
-        items: list[_Token | list[_Node]] = []
-        if self._peek().is_punct("]"):
-            self._take()
-            return items
-        while True:
-            token = self._peek()
-            if token.is_punct("{<"):
-                self._take()
-                items.append(self.fields("}" if token.text == "{" else ">"))
-            else:
-                items.append(self._scalar(name))
-            separator = self._take()
-            if separator.is_punct("]"):
-                return items
-            if not separator.is_punct(","):
-                raise self._error(
-                    f"field {name}: expected ',' or ']' in the list, got {separator.shown()}",
-                    separator,
-                    name,
-                )
-
-
-def _to_int(token: _Token, name: str, source: str) -> int:
-    bad = BatchingConfigError(
-        f"field {name}: expected an integer, got {token.shown()}",
-        source=source,
-        line=token.line,
-        field=name,
-    )
-    if token.kind != "number":
-        raise bad
-    body = token.text.lstrip("+-")
-    try:
-        if body[:2] in ("0x", "0X"):
-            value = int(body, 16)
-        elif len(body) > 1 and body.startswith("0"):
-            value = int(body, 8)  # protobuf's tokenizer reads a leading 0 as octal
-        else:
-            value = int(body, 10)
-    except ValueError:
-        raise bad from None
-    value = -value if token.text.startswith("-") else value
-    if value not in _INT64_RANGE:
-        raise BatchingConfigError(
-            f"field {name}: integer out of range: {token.text}",
-            source=source,
-            line=token.line,
-            field=name,
-        )
-    return value
-
-
-def _to_bool(token: _Token, name: str, source: str) -> bool:
-    if token.kind in ("ident", "number"):
-        if token.text in ("true", "True", "t", "1"):
-            return True
-        if token.text in ("false", "False", "f", "0"):
-            return False
-    raise BatchingConfigError(
-        f"field {name}: expected true or false, got {token.shown()}",
-        source=source,
-        line=token.line,
-        field=name,
-    )
-
-
-def _to_str(token: _Token, name: str, source: str) -> str:
-    if token.kind != "string":
-        raise BatchingConfigError(
-            f"field {name}: expected a quoted string, got {token.shown()}",
-            source=source,
-            line=token.line,
-            field=name,
-        )
-    return token.text
-
-
-_CONVERTERS = {"Int64Value": _to_int, "BoolValue": _to_bool, "StringValue": _to_str}
-
-
-def _wrapper_value(node: _Node, source: str) -> object:
-    """`name { value: X }` -> X; `name {}` -> the wrapper's default, as protobuf does."""
-    wrapper = _WRAPPER_FIELDS[node.name]
-    if node.kind != "message":
-        raise BatchingConfigError(
-            f"field {node.name} is a google.protobuf.{wrapper}; write "
-            f"`{node.name} {{ value: ... }}`",
-            source=source,
-            line=node.line,
-            field=node.name,
-        )
-    value, seen = _WRAPPER_DEFAULTS[wrapper], False
-    for child in node.value:
-        where = {"source": source, "line": child.line, "field": node.name}
-        if child.name != "value":
-            raise BatchingConfigError(
-                f'field {node.name}: google.protobuf.{wrapper} has no field named "{child.name}"',
-                **where,
-            )
-        if seen:
-            raise BatchingConfigError(
-                f'field {node.name}: non-repeated field "value" is specified multiple times',
-                **where,
-            )
-        if child.kind != "scalar":
-            raise BatchingConfigError(f"field {node.name}: value must be a single value", **where)
-        value, seen = _CONVERTERS[wrapper](child.value, node.name, source), True
-    return value
-
-
-def _repeated_ints(node: _Node, source: str) -> list[int]:
-    if node.kind == "scalar":
-        return [_to_int(node.value, node.name, source)]
-    if node.kind == "list" and all(isinstance(item, _Token) for item in node.value):
-        return [_to_int(item, node.name, source) for item in node.value]
-    raise BatchingConfigError(
-        f"field {node.name}: expected integers, got a message",
-        source=source,
-        line=node.line,
-        field=node.name,
-    )
-
-
-def _collect(nodes: list[_Node], source: str) -> tuple[dict[str, object], dict[str, int]]:
-    """The fields' values by dataclass name, and the line each was first given on."""
-    values: dict[str, object] = {}
-    lines: dict[str, int] = {}
-    for node in nodes:
-        where = {"source": source, "line": node.line, "field": node.name}
-        if node.name in _IGNORED_FIELDS:
-            log.warning(
-                "%s:%d: %s is not implemented by the embedded server and is ignored",
-                source,
-                node.line,
-                node.name,
-            )
-            continue
-        known = node.name in _WRAPPER_FIELDS or node.name in _BOOL_FIELDS
-        if not known and node.name not in _REPEATED_INT_FIELDS:
-            raise BatchingConfigError(
-                f'Message type "tensorflow.serving.BatchingParameters" has no field named '
-                f'"{node.name}"',
-                **where,
-            )
-        if known and node.name in lines:
-            raise BatchingConfigError(
-                f'Non-repeated field "{node.name}" is specified multiple times', **where
-            )
-        lines.setdefault(node.name, node.line)
-        if node.name in _WRAPPER_FIELDS:
-            values[node.name] = _wrapper_value(node, source)
-        elif node.name in _REPEATED_INT_FIELDS:
-            values.setdefault(node.name, []).extend(_repeated_ints(node, source))
-        elif node.kind == "scalar":
-            values[node.name] = _to_bool(node.value, node.name, source)
-        else:
-            raise BatchingConfigError(f"field {node.name}: expected true or false", **where)
-    return values, lines
-
-
-def _apply_tf_rewrites(values: dict[str, object], lines: dict[str, int], source: str) -> None:
+def _apply_tf_rewrites(values: dict[str, object], text: str, source: str) -> None:
     """What TF Serving does to a parsed file before using it."""
     splitting = bool(values.get("enable_large_batch_splitting", False))
     if values.get("max_enqueued_batches") == 0 and not splitting:
         # SharedBatchScheduler::AddQueue keeps old low-QPS configs working this way.
         log.warning(
-            "%s:%d: max_enqueued_batches 0 is treated as 1, as TF Serving does",
+            "%s:%s: max_enqueued_batches 0 is treated as 1, as TF Serving does",
             source,
-            lines["max_enqueued_batches"],
+            _field_line(text, "max_enqueued_batches"),
         )
         values["max_enqueued_batches"] = 1
     if "max_execution_batch_size" in values and not splitting:
         log.warning(
-            "%s:%d: max_execution_batch_size is ignored unless enable_large_batch_splitting "
+            "%s:%s: max_execution_batch_size is ignored unless enable_large_batch_splitting "
             "is true",
             source,
-            lines["max_execution_batch_size"],
+            _field_line(text, "max_execution_batch_size"),
         )
         del values["max_execution_batch_size"]
 
@@ -530,21 +238,22 @@ def _apply_tf_rewrites(values: dict[str, object], lines: dict[str, int], source:
 def parse_batching_parameters(
     text: str, source: str = "<batching_parameters>"
 ) -> BatchingParameters:
-    """Parse a text-format `BatchingParameters` as TF Serving reads `--batching_parameters_file`.
+    """Parse a text-format `BatchingParameters` as TF Serving reads `--batching_parameters_file`:
+    protobuf's text format parser on the same message (serving/text_protos.py).
 
-    Unknown fields, malformed text and values TF Serving rejects raise BatchingConfigError
-    naming `source`, the line and the field. Known TF Serving fields that are not implemented
-    here are accepted with a warning.
+    Malformed text, unknown fields and values TF Serving rejects raise BatchingConfigError
+    naming `source`, the line and (for a rejected value) the field.
     """
-    nodes = _Parser(_tokenize(text, source), source).fields()
-    values, lines = _collect(nodes, source)
-    _apply_tf_rewrites(values, lines, source)
-    if "allowed_batch_sizes" in values:
-        values["allowed_batch_sizes"] = tuple(values["allowed_batch_sizes"])
+    try:
+        proto = text_protos.parse("BatchingParameters", text)
+    except text_protos.TextProtoError as exc:
+        raise BatchingConfigError(exc.detail, source=source, line=exc.line) from None
+    values = _field_values(proto)
+    _apply_tf_rewrites(values, text, source)
     try:
         return BatchingParameters(**values)
     except BatchingConfigError as exc:
-        line = lines.get(exc.field or "", max(lines.values(), default=1))
+        line = _field_line(text, exc.field or "") or 1
         raise BatchingConfigError(exc.detail, source=source, line=line, field=exc.field) from None
 
 

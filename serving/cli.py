@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import logging
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -321,39 +319,30 @@ def tls_from_args(args):
     return None
 
 
-_SSL_FIELD = re.compile(
-    r'(server_key|server_cert|custom_ca)\s*:\s*("(?:[^"\\]|\\.)*")'
-    r"|(client_verify)\s*:\s*(true|false)",
-    re.DOTALL,
-)
-
-
 def tls_from_ssl_config(path: Path):
-    """TF Serving's SSLConfig holds PEM contents inline; they are written to private temporary
-    files for grpc."""
+    """TF Serving's SSLConfig (a text proto, parsed by protobuf's parser) holds PEM contents
+    inline; they are written to private temporary files for grpc."""
+    from convstack.serving import text_protos
     from convstack.serving.server import TlsOptions
 
-    text = re.sub(r"#[^\n]*", "", path.read_text())
-    values: dict[str, str] = {}
-    for match in _SSL_FIELD.finditer(text):
-        if match.group(1):
-            values[match.group(1)] = ast.literal_eval(match.group(2))
-        else:
-            values[match.group(3)] = match.group(4)
-    leftover = _SSL_FIELD.sub("", text).strip()
-    if leftover:
-        raise UsageError(f"{path}: unknown or malformed SSLConfig content: {leftover[:60]!r}")
-    if "server_key" not in values or "server_cert" not in values:
+    try:
+        config = text_protos.parse("SSLConfig", path.read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    except text_protos.TextProtoError as exc:
+        where = path if exc.line is None else f"{path}:{exc.line}"
+        raise UsageError(f"{where}: {exc.detail}") from None
+    if not (config.server_key and config.server_cert):
         raise UsageError(f"{path}: SSLConfig needs server_key and server_cert")
     directory = Path(tempfile.mkdtemp(prefix="convstack-tls-"))
     files = {}
     for name in ("server_key", "server_cert", "custom_ca"):
-        if name in values:
+        if getattr(config, name):
             files[name] = directory / f"{name}.pem"
             fd = os.open(files[name], os.O_WRONLY | os.O_CREAT, 0o600)
             with os.fdopen(fd, "w") as handle:
-                handle.write(values[name])
-    client_ca = files.get("custom_ca") if values.get("client_verify") == "true" else None
+                handle.write(getattr(config, name))
+    client_ca = files.get("custom_ca") if config.client_verify else None
     return TlsOptions(files["server_cert"], files["server_key"], client_ca)
 
 

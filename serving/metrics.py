@@ -8,7 +8,6 @@ use prometheus_client's own (same bucket layout as TF Serving: microseconds, exp
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from convstack.serving import text_protos
 
 DEFAULT_METRICS_PATH = "/monitoring/prometheus/metrics"
 
@@ -38,38 +39,19 @@ class MonitoringConfigError(ValueError):
     """The monitoring config file is malformed; the message names the file."""
 
 
-_FIELD = re.compile(r'\s*(enable)\s*:\s*(true|false)\s*|\s*(path)\s*:\s*"([^"]*)"\s*')
-
-
 def parse_monitoring_config(text: str, source: str = "<monitoring_config>") -> MonitoringConfig:
-    """Parse the only message TF Serving's monitoring config holds (its proto is not shipped
-    in the tensorflow-serving-api wheel). Unknown fields are errors, as in TF Serving."""
-    body = re.sub(r"#[^\n]*", "", text).strip()
-    if not body:
-        return MonitoringConfig()
-    match = re.fullmatch(r"prometheus_config\s*:?\s*\{(.*)\}", body, flags=re.DOTALL)
-    if match is None:
-        raise MonitoringConfigError(
-            f'{source}: expected `prometheus_config {{ enable: true path: "..." }}`'
-        )
-    values: dict[str, str] = {}
-    for part in re.split(r"[,\n]", match.group(1)):
-        if not part.strip():
-            continue
-        for piece in re.findall(r'\w+\s*:\s*(?:"[^"]*"|\w+)', part) or [part]:
-            field = _FIELD.fullmatch(piece)
-            if field is None:
-                raise MonitoringConfigError(
-                    f"{source}: unknown or malformed field {piece.strip()!r}"
-                )
-            if field.group(1):
-                values["enable"] = field.group(2)
-            else:
-                values["path"] = field.group(4)
-    path = values.get("path") or DEFAULT_METRICS_PATH
+    """Parse a text-format MonitoringConfig with protobuf's parser (serving/text_protos.py), as
+    TF Serving reads `--monitoring_config_file`: unknown fields are errors. A path that does not
+    start with '/' could never match a request, so it is refused too."""
+    try:
+        proto = text_protos.parse("MonitoringConfig", text).prometheus_config
+    except text_protos.TextProtoError as exc:
+        where = source if exc.line is None else f"{source}:{exc.line}"
+        raise MonitoringConfigError(f"{where}: {exc.detail}") from None
+    path = proto.path or DEFAULT_METRICS_PATH
     if not path.startswith("/"):
         raise MonitoringConfigError(f"{source}: path must start with '/', got {path!r}")
-    return MonitoringConfig(values.get("enable") == "true", path)
+    return MonitoringConfig(proto.enable, path)
 
 
 def load_monitoring_config(path: str | Path) -> MonitoringConfig:

@@ -256,11 +256,31 @@ def test_ssl_config_file_is_read_like_tf_serving(tmp_path):
     path.write_text(path.read_text().replace("client_verify: true", "client_verify: false"))
     assert tls_from_ssl_config(path).client_ca is None
     path.write_text('server_key: "k"\nserver_cert: "c"\ncolour: 1\n')
-    with pytest.raises(UsageError, match="colour"):
+    with pytest.raises(UsageError, match=r"ssl\.config:3: .*no field named \"colour\""):
         tls_from_ssl_config(path)
     path.write_text('server_cert: "c"\n')
     with pytest.raises(UsageError, match="needs server_key"):
         tls_from_ssl_config(path)
+
+
+def test_ssl_config_file_takes_whatever_protobuf_text_format_takes(tmp_path):
+    """TF Serving parses the file with protobuf: PEMs split into adjacent strings, single
+    quotes, `client_verify: 1` and comments are all valid SSLConfig text."""
+    from convstack.serving.cli import tls_from_ssl_config
+
+    path = tmp_path / "ssl.config"
+    path.write_text(
+        "# the key, one line per string\n"
+        'server_key: "-----BEGIN KEY-----\\n"\n'
+        '            "abc\\n"\n'
+        '            "-----END KEY-----"\n'
+        "server_cert: '-----BEGIN CERT-----\\ndef\\n-----END CERT-----'\n"
+        'custom_ca: "ca" client_verify: 1\n'
+    )
+    tls = tls_from_ssl_config(path)
+    assert tls.key.read_text() == "-----BEGIN KEY-----\nabc\n-----END KEY-----"
+    assert tls.cert.read_text() == "-----BEGIN CERT-----\ndef\n-----END CERT-----"
+    assert tls.client_ca is not None and tls.client_ca.read_text() == "ca"
 
 
 def test_tensorflow_thread_flags_take_either_spelling_and_default_to_tensorflow_deciding():

@@ -43,6 +43,8 @@ def test_batch_metrics():
         ('prometheus_config {\n  enable: true,\n  path: "/metrics"\n}\n', True, "/metrics"),
         ("prometheus_config { enable: true }  # comment", True, DEFAULT_METRICS_PATH),
         ('prometheus_config: { enable: false path: "/m" }', False, "/m"),
+        # protobuf text format: angle brackets, adjacent strings, 1 for true.
+        ('prometheus_config < enable: 1 path: "/mon" "itoring" >', True, "/monitoring"),
     ],
 )
 def test_monitoring_config(text, enable, path):
@@ -62,3 +64,12 @@ def test_monitoring_config(text, enable, path):
 def test_bad_monitoring_config_names_the_file(text):
     with pytest.raises(MonitoringConfigError, match=r"mon\.config"):
         parse_monitoring_config(text, "mon.config")
+
+
+def test_bad_monitoring_config_names_the_line_and_field():
+    text = "prometheus_config {\n  enable: true\n  colour: red\n}\n"
+    with pytest.raises(MonitoringConfigError) as caught:
+        parse_monitoring_config(text, "mon.config")
+    message = str(caught.value)
+    assert message.startswith("mon.config:3: "), message
+    assert 'no field named "colour"' in message
