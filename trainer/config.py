@@ -75,8 +75,12 @@ class TrainConfig(ModelConfig):
     progress: Literal["auto", "bar", "log"] = Field(
         "auto", description="progress bar on a terminal (auto), always (bar) or log lines (log)"
     )
-    tflite: bool = Field(
-        False, description="also write an int8 post-training-quantised model.tflite"
+    tflite: Literal["float32", "float16", "int8"] | None = Field(
+        None,
+        description="also write VERSION/model.tflite (TF Serving's --prefer_tflite_model "
+        "file): float32, float16 weights or int8 post-training quantisation; "
+        "--tflite alone means float32",
+        json_schema_extra={"flag_const": "float32"},
     )
     export: bool = Field(True, description="export a SavedModel version after training")
     cluster_wait_seconds: float = Field(

@@ -53,6 +53,9 @@ MIXED_PRECISION_ATOL = 1e-2
 _NUMERIC = re.compile(r"[0-9]+")
 # Which export published a version: {"export_id": ...}, beside the model card.
 ORIGIN_FILE = Path("assets.extra") / "export_origin.json"
+# The Keras-native copy (keras.models.load_model reads it; Keras 3 cannot read a SavedModel).
+# In assets.extra, which TF Serving and our server never load.
+KERAS_FILE = Path("assets.extra") / "model.keras"
 
 
 def _before_rename(temp_dir: Path) -> None:
@@ -225,10 +228,44 @@ def _classes(loaded, images: np.ndarray) -> np.ndarray:
     return outputs[signatures.CLASSES]
 
 
-def _accuracy(loaded, images: np.ndarray, labels: np.ndarray) -> float:
+def saved_model_classes(loaded, images: np.ndarray) -> np.ndarray:
+    """int64 [n] classes of the loaded SavedModel's serving_default, in batches of ~256."""
     batches = np.array_split(images, max(1, len(images) // 256))
-    classes = np.concatenate([_classes(loaded, batch) for batch in batches])
-    return float(np.mean(classes == np.asarray(labels)))
+    return np.concatenate([_classes(loaded, batch) for batch in batches])
+
+
+def write_keras_model(model: keras.Model, directory: Path) -> Path:
+    """Write the Keras-native model file `<directory>/assets.extra/model.keras` (config and
+    weights; Keras adds a compiled model's optimizer state); return its path."""
+    path = directory / KERAS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    return path
+
+
+def keras_probabilities(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """float32 softmax probabilities of a Keras classifier (float32 logits) on `images`."""
+    return _expected_probabilities(model, images)
+
+
+def verify_keras_model(path: Path, loaded, model: keras.Model, test_images: np.ndarray) -> None:
+    """ExportError unless keras.models.load_model(path) gives serving_default's outputs on the
+    test batch: probabilities within the export tolerance, the same classes."""
+    try:
+        reloaded = keras.models.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises many types on a bad archive
+        raise ExportError(f"{path}: keras.models.load_model fails: {exc}") from exc
+    images = test_images[:VERIFY_BATCH]
+    served = _serve(loaded, signatures.SERVING_DEFAULT, **{signatures.IMAGES: images})
+    probabilities = keras_probabilities(reloaded, images)
+    _compare(
+        "model.keras reloaded vs SavedModel serving_default",
+        probabilities,
+        served[signatures.PROBABILITIES],
+        _tolerance(model),
+    )
+    if not np.array_equal(np.argmax(probabilities, axis=-1), served[signatures.CLASSES]):
+        raise ExportError("model.keras and serving_default disagree on classes")
 
 
 def _write_and_verify(
@@ -242,9 +279,10 @@ def _write_and_verify(
     test_labels: np.ndarray,
     representative_images: np.ndarray,
     card_fields: Mapping,
-    tflite: bool,
+    tflite: str | None,
 ) -> dict:
-    """Write SavedModel, warmup, optional TFLite and model card into `directory`; verify."""
+    """Write SavedModel, warmup, Keras file, optional TFLite and model card into `directory`;
+    verify each against the in-memory model or the reloaded SavedModel."""
     signatures.write_saved_model(model, directory)
     records = warmup.build_warmup_records(model_name, test_images)
     warmup.write_warmup_records(directory / warmup.WARMUP_FILE, records)
@@ -252,6 +290,7 @@ def _write_and_verify(
     loaded = tf.saved_model.load(str(directory))
     verify_saved_model(loaded, model, test_images)
     warmup.replay_warmup_records(loaded, records)
+    verify_keras_model(write_keras_model(model, directory), loaded, model, test_images)
 
     card = model_card.build_model_card(
         card_fields,
@@ -263,14 +302,15 @@ def _write_and_verify(
         tensorflow_version=tf.__version__,
         keras_version=keras.__version__,
     )
-    if tflite:
+    if tflite is not None:
         section = tflite_export.export_tflite(
             directory,
+            quantization=tflite,
             model=model,
             representative_images=representative_images,
             test_images=test_images,
             test_labels=test_labels,
-            float_test_accuracy=_accuracy(loaded, test_images, test_labels),
+            saved_model_classes=saved_model_classes(loaded, test_images),
         )
         card = model_card.with_tflite(card, section)
     model_card.write_model_card(directory, card)
@@ -356,17 +396,19 @@ def export_version(
     test_labels: np.ndarray,
     representative_images: np.ndarray,
     card_fields: dict,
-    tflite: bool = False,
+    tflite: str | None = None,
     is_chief: bool = True,
     export_id: str | None = None,
 ) -> ExportResult:
     """Export `model` (float32 logits) as `<model_base>/<model_name>/<version>/`.
 
     `version=None` takes the next free version. Writes the SavedModel with `serving_default`
-    and `predict_image_bytes`, the warmup requests, the model card and (with `tflite`) an int8
-    model.tflite into a temporary directory, verifies the reloaded model against `model`, then
-    renames it into place. Raises VersionExistsError if the version exists (never overwrites)
-    and ExportError on any other failure, leaving no numeric directory behind. A non-chief
+    and `predict_image_bytes`, the warmup requests, the Keras-native `assets.extra/model.keras`,
+    the model card and (with `tflite` = "float32", "float16" or "int8") `model.tflite` into a
+    temporary directory, verifies the reloaded model against `model` and the Keras file and
+    TFLite model against the reloaded one, then renames it into place. Raises
+    VersionExistsError if the version exists (never overwrites) and ExportError on any other
+    failure, leaving no numeric directory behind. A non-chief
     worker (`is_chief=False`) does the same work (minus TFLite, which is chief-only
     post-processing) in a temporary directory it then removes. `export_id` is recorded in the
     published version, for `find_export` (the caller checks it was not published before).
@@ -375,6 +417,11 @@ def export_version(
     test_images = np.asarray(test_images, np.float32)
     _check_inputs(model, test_images, np.asarray(test_labels))
     model_card.validate_card_fields(card_fields)
+    if tflite is not None and tflite not in tflite_export.QUANTIZATIONS:
+        raise ExportError(
+            f"tflite must be None or one of {', '.join(tflite_export.QUANTIZATIONS)}; "
+            f"got {tflite!r}"
+        )
 
     existing = numeric_versions(model_dir)
     job = _Job(
@@ -387,7 +434,7 @@ def export_version(
         test_labels=test_labels,
         representative_images=representative_images,
         card_fields=card_fields,
-        tflite=tflite and is_chief,
+        tflite=tflite if is_chief else None,
         is_chief=is_chief,
         export_id=export_id,
     )
@@ -411,7 +458,7 @@ class _Job:
     test_labels: np.ndarray
     representative_images: np.ndarray
     card_fields: dict
-    tflite: bool
+    tflite: str | None
     is_chief: bool
     export_id: str | None
 

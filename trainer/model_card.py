@@ -46,7 +46,14 @@ EXPORT_FIELDS = (
     "signatures",
     "preprocessing",
 )
-TFLITE_FIELDS = ("path", "quantization", "test_accuracy", "float_test_accuracy", "size_bytes")
+TFLITE_FIELDS = (
+    "path",
+    "quantization",
+    "test_accuracy",
+    "saved_model_test_accuracy",
+    "class_agreement",
+    "size_bytes",
+)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,9 +1,15 @@
-"""Full-integer (int8) post-training quantisation of `serving_default` to TFLite.
+"""`serving_default` converted to TFLite, at `<version>/model.tflite` where TF Serving's
+`--prefer_tflite_model` looks for it (saved_model_bundle_factory.cc).
 
-Weights and activations are int8 and only int8 builtin kernels are allowed (the converter fails
-rather than silently keeping float ops). The model's input and output stay float32 (`images` in
-[0, 1], `probabilities`) and `classes` int64, with quantize/dequantize at the edges, so callers
-feed the same tensors as to the SavedModel and need no scale/zero-point handling.
+Three kinds: `float32` (plain conversion), `float16` (weights stored as float16, dequantised at
+load) and `int8` (full-integer post-training quantisation: weights and activations int8, only int8
+builtin kernels allowed, so the converter fails rather than silently keeping float ops). In every
+kind the model's input and output stay float32 (`images` in [0, 1], `probabilities`) and
+`classes` int64, so callers feed the same tensors as to the SavedModel.
+
+The file also carries the signature as TF Serving reads it: a TensorFlow SignatureDef in the
+`signature_defs_metadata` metadata (tflite_session.cc), naming the interpreter's tensors, so a
+served TFLite version answers Predict with the SavedModel's input and output keys.
 A mixed-precision model is converted from a float32 copy (same weights), since the converter
 cannot quantise bfloat16/float16 ops.
 """
@@ -20,16 +26,25 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from flatbuffers import flexbuffers
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.lite.python import schema_py_generated as tflite_schema
+from tensorflow.lite.tools import flatbuffer_utils
 
 from convstack.trainer import signatures
 from convstack.trainer.errors import ExportError
 
 logger = logging.getLogger(__name__)
 
-TFLITE_FILE = Path("assets.extra") / "model.tflite"
+TFLITE_FILE = Path("model.tflite")
+QUANTIZATIONS = ("float32", "float16", "int8")
+SIGNATURE_DEFS_METADATA = "signature_defs_metadata"
+PREDICT_METHOD = "tensorflow/serving/predict"
 # Calibration needs enough samples to see each activation's range; a few hundred is plenty.
 REPRESENTATIVE_SAMPLES = 200
 EVAL_BATCH_SIZE = 64
+# The tensor type each kind must contain at least one of (else the converter ignored the ask).
+_MARKER_DTYPE = {"float16": np.float16, "int8": np.int8}
 
 
 def _representative_dataset(images: np.ndarray, samples: int):
@@ -43,26 +58,56 @@ def _representative_dataset(images: np.ndarray, samples: int):
     return generate
 
 
-def convert_int8(
-    saved_model_dir: Path, representative_images: np.ndarray, samples: int = REPRESENTATIVE_SAMPLES
-) -> bytes:
-    """The int8 TFLite flatbuffer of the SavedModel's `serving_default` signature."""
-    images = np.asarray(representative_images, np.float32)
-    if len(images) == 0:
-        raise ExportError("TFLite int8 quantisation needs representative images; none given")
+def _converter(
+    saved_model_dir: Path, quantization: str, representative_images: np.ndarray | None
+) -> tf.lite.TFLiteConverter:
     converter = tf.lite.TFLiteConverter.from_saved_model(
         str(saved_model_dir), signature_keys=[signatures.SERVING_DEFAULT]
     )
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = _representative_dataset(images, samples)
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    if quantization == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "int8":
+        images = np.asarray(
+            representative_images if representative_images is not None else [], np.float32
+        )
+        if len(images) == 0:
+            raise ExportError("TFLite int8 quantisation needs representative images; none given")
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = _representative_dataset(images, REPRESENTATIVE_SAMPLES)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter
+
+
+def convert(
+    saved_model_dir: Path, quantization: str, representative_images: np.ndarray | None = None
+) -> bytes:
+    """The TFLite flatbuffer of the SavedModel's `serving_default`, in `quantization`."""
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(
+            f"TFLite quantization must be one of {', '.join(QUANTIZATIONS)}; got {quantization!r}"
+        )
+    converter = _converter(saved_model_dir, quantization, representative_images)
     try:
-        with _quiet_interpreter_deprecation():  # calibration runs the interpreter too
+        with _quiet_interpreter_deprecation():  # int8 calibration runs the interpreter too
             return converter.convert()
     except Exception as exc:  # the converter raises several unrelated types
         raise ExportError(
-            f"TFLite int8 conversion of {saved_model_dir} failed: {_summary(exc)}"
+            f"TFLite {quantization} conversion of {saved_model_dir} failed: {_summary(exc)}"
         ) from exc
+
+
+def convert_for_serving(
+    saved_model_dir: Path, quantization: str, representative_images: np.ndarray | None = None
+) -> bytes:
+    """`convert`, with `serving_default`'s SignatureDef stored as TF Serving reads it."""
+    buffer = convert(saved_model_dir, quantization, representative_images)
+    return with_signature_defs(buffer, {signatures.SERVING_DEFAULT: serving_signature_def(buffer)})
+
+
+def convert_int8(saved_model_dir: Path, representative_images: np.ndarray) -> bytes:
+    """The int8 TFLite flatbuffer of the SavedModel's `serving_default` signature."""
+    return convert(saved_model_dir, "int8", representative_images)
 
 
 def _summary(exc: Exception) -> str:
@@ -71,6 +116,45 @@ def _summary(exc: Exception) -> str:
     lines = str(exc).splitlines()
     kept = lines[:1] + [line for line in lines if "ops:" in line][:1]
     return " ".join(line.strip() for line in kept)[:600]
+
+
+def _tensor_info(detail: dict) -> meta_graph_pb2.TensorInfo:
+    info = meta_graph_pb2.TensorInfo(name=detail["name"])
+    info.dtype = tf.as_dtype(detail["dtype"]).as_datatype_enum
+    for size in detail.get("shape_signature", detail["shape"]):
+        info.tensor_shape.dim.add().size = int(size)
+    return info
+
+
+def serving_signature_def(buffer: bytes) -> meta_graph_pb2.SignatureDef:
+    """`serving_default` as a TensorFlow SignatureDef over the interpreter's tensors: the
+    SavedModel's keys (`images` -> `probabilities`, `classes`), the converter's tensor names."""
+    runner = _interpreter(buffer).get_signature_runner(signatures.SERVING_DEFAULT)
+    signature = meta_graph_pb2.SignatureDef(method_name=PREDICT_METHOD)
+    for key, detail in runner.get_input_details().items():
+        signature.inputs[key].CopyFrom(_tensor_info(detail))
+    for key, detail in runner.get_output_details().items():
+        signature.outputs[key].CopyFrom(_tensor_info(detail))
+    return signature
+
+
+def with_signature_defs(buffer: bytes, signature_defs: dict[str, meta_graph_pb2.SignatureDef]):
+    """`buffer` with `signature_defs` stored as TF Serving reads them: metadata
+    `signature_defs_metadata`, a flexbuffer map of serialized SignatureDefs by key."""
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(buffer))
+    payload = flexbuffers.Dumps(
+        {key: value.SerializeToString() for key, value in signature_defs.items()}
+    )
+    entry = tflite_schema.BufferT()
+    entry.data = np.frombuffer(bytes(payload), np.uint8)
+    model.buffers.append(entry)
+    metadata = tflite_schema.MetadataT()
+    metadata.name = SIGNATURE_DEFS_METADATA
+    metadata.buffer = len(model.buffers) - 1
+    model.metadata = [
+        item for item in (model.metadata or []) if item.name != SIGNATURE_DEFS_METADATA.encode()
+    ] + [metadata]
+    return flatbuffer_utils.convert_object_to_bytearray(model)
 
 
 @contextlib.contextmanager
@@ -106,7 +190,7 @@ def float32_copy(model: keras.Model) -> keras.Model:
 
 
 @contextlib.contextmanager
-def _conversion_source(model: keras.Model, version_dir: Path) -> Iterator[Path]:
+def conversion_source(model: keras.Model, version_dir: Path) -> Iterator[Path]:
     """The SavedModel to convert: the version itself, or a float32 copy of a mixed model."""
     if signatures.computes_in_float32(model):
         yield version_dir
@@ -124,20 +208,32 @@ def _quiet_interpreter_deprecation():
         yield
 
 
-def _interpreter(model_path: Path) -> tf.lite.Interpreter:
+def _interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
     with _quiet_interpreter_deprecation():
-        return tf.lite.Interpreter(model_path=str(model_path))
+        return tf.lite.Interpreter(**source, num_threads=num_threads)
+
+
+def interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:
+    """A tf.lite.Interpreter of a file or flatbuffer (its deprecation notice silenced)."""
+    return _interpreter(model, num_threads)
+
+
+def tensor_count(model_path: Path, dtype) -> int:
+    """How many tensors of the TFLite model are of `dtype`."""
+    details = _interpreter(model_path).get_tensor_details()
+    return sum(1 for detail in details if detail["dtype"] == dtype)
 
 
 def int8_tensor_count(model_path: Path) -> int:
     """How many tensors of the TFLite model are int8 (0 means it was not quantised)."""
-    details = _interpreter(model_path).get_tensor_details()
-    return sum(1 for detail in details if detail["dtype"] == np.int8)
+    return tensor_count(model_path, np.int8)
 
 
-def predict_classes(model_path: Path, images: np.ndarray) -> np.ndarray:
-    """int64 [n] classes the TFLite model predicts for float [n, H, W, C] images."""
-    runner = _interpreter(model_path).get_signature_runner(signatures.SERVING_DEFAULT)
+def predict_classes(model: Path | bytes, images: np.ndarray) -> np.ndarray:
+    """int64 [n] classes the TFLite model (file or flatbuffer) predicts for float
+    [n, H, W, C] images."""
+    runner = _interpreter(model).get_signature_runner(signatures.SERVING_DEFAULT)
     images = np.asarray(images, np.float32)
     batches = [
         runner(**{signatures.IMAGES: images[start : start + EVAL_BATCH_SIZE]})[signatures.CLASSES]
@@ -146,38 +242,53 @@ def predict_classes(model_path: Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate(batches).astype(np.int64)
 
 
+def _check_kind(path: Path, quantization: str) -> None:
+    marker = _MARKER_DTYPE.get(quantization)
+    if marker is not None and tensor_count(path, marker) == 0:
+        raise ExportError(
+            f"{path}: the converter produced no {np.dtype(marker).name} tensors for {quantization}"
+        )
+
+
 def export_tflite(
     version_dir: Path,
     *,
+    quantization: str,
     model: keras.Model,
     representative_images: np.ndarray,
     test_images: np.ndarray,
     test_labels: np.ndarray,
-    float_test_accuracy: float,
+    saved_model_classes: np.ndarray,
 ) -> dict:
-    """Write `<version_dir>/assets.extra/model.tflite`; return the model card's `tflite` section.
+    """Write `<version_dir>/model.tflite`; return the model card's `tflite` section: its test
+    accuracy beside the SavedModel's (whose classes on the test images are
+    `saved_model_classes`) and the share of test images both classify alike.
 
     Converts the version's own SavedModel, or, for a mixed-precision `model`, a float32 copy.
     """
     path = version_dir / TFLITE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _conversion_source(model, version_dir) as source:
-        path.write_bytes(convert_int8(source, representative_images))
-    if int8_tensor_count(path) == 0:
-        raise ExportError(f"{path}: the converter produced no int8 tensors")
-    accuracy = float(np.mean(predict_classes(path, test_images) == np.asarray(test_labels)))
+    with conversion_source(model, version_dir) as source:
+        path.write_bytes(convert_for_serving(source, quantization, representative_images))
+    _check_kind(path, quantization)
+    labels = np.asarray(test_labels)
+    classes = predict_classes(path, test_images)
+    accuracy = float(np.mean(classes == labels))
+    saved_accuracy = float(np.mean(np.asarray(saved_model_classes) == labels))
     logger.info(
-        "TFLite int8 model %s: test accuracy %.4f (float %.4f), %d bytes",
+        "TFLite %s model %s: test accuracy %.4f (SavedModel %.4f), %d bytes",
+        quantization,
         path,
         accuracy,
-        float_test_accuracy,
+        saved_accuracy,
         path.stat().st_size,
     )
     return {
         "path": TFLITE_FILE.as_posix(),
-        "quantization": "int8",
+        "quantization": quantization,
         "io": "float32 images/probabilities, int64 classes",
         "test_accuracy": accuracy,
-        "float_test_accuracy": float(float_test_accuracy),
+        "saved_model_test_accuracy": saved_accuracy,
+        "class_agreement": float(np.mean(classes == np.asarray(saved_model_classes))),
+        "test_examples": len(labels),
         "size_bytes": path.stat().st_size,
     }

@@ -48,6 +48,9 @@ def add_config_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) ->
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
+            const = (field.json_schema_extra or {}).get("flag_const")
+            if const is not None:  # `--flag` alone means `--flag CONST`
+                kwargs.update(nargs="?", const=const)
         elif annotation in (int, float, str):
             kwargs["type"] = annotation
             kwargs["metavar"] = annotation.__name__.upper()

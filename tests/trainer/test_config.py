@@ -64,3 +64,29 @@ def test_model_part_holds_only_architecture():
     model = config.model_part()
     assert (model.filters, model.conv_blocks) == (8, 2)
     assert not hasattr(model, "epochs")
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], None),
+        (["--tflite"], "float32"),  # alone: float32
+        (["--tflite", "--epochs", "2"], "float32"),
+        (["--tflite", "int8"], "int8"),
+        (["--tflite", "float16"], "float16"),
+    ],
+)
+def test_tflite_flag_alone_means_float32(argv, expected):
+    assert parse(argv).tflite == expected
+
+
+def test_tflite_in_yaml_and_an_unknown_kind(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("tflite: float16\n")
+    assert parse(["--config", str(path)]).tflite == "float16"
+    path.write_text("tflite: true\n")  # the former boolean
+    with pytest.raises(ConfigValueError, match=r"tflite \(--tflite\)"):
+        parse(["--config", str(path)])
+    with pytest.raises(SystemExit):
+        parse(["--tflite", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

@@ -26,9 +26,9 @@ def model() -> keras.Model:
 
 @pytest.fixture(scope="module")
 def repo(model, tmp_path_factory) -> tuple[Path, export.ExportResult, export.ExportResult]:
-    """A model repository after two exports: version 1 with TFLite, version 2 without."""
+    """A model repository after two exports: version 1 with int8 TFLite, version 2 without."""
     base = tmp_path_factory.mktemp("models")
-    first = export.export_version(model, **helpers.export_kwargs(base), tflite=True)
+    first = export.export_version(model, **helpers.export_kwargs(base), tflite="int8")
     second = export.export_version(model, **helpers.export_kwargs(base))
     return base / "tiny", first, second
 
@@ -202,15 +202,16 @@ def test_reload_that_differs_from_the_model_fails_verification(model, tmp_path, 
     [
         (
             tflite_export,
-            "convert_int8",
+            "convert",
             ExportError("TFLite int8 conversion failed"),
             ExportError,
             "TFLite int8 conversion failed",
         ),
+        (export, "write_keras_model", OSError("no space left"), ExportError, "no space left"),
         (model_card, "write_model_card", OSError("disk full"), ExportError, "disk full"),
         (export, "_before_rename", KeyboardInterrupt(), KeyboardInterrupt, ""),
     ],
-    ids=["tflite", "model-card", "interrupt"],
+    ids=["tflite", "keras", "model-card", "interrupt"],
 )
 def test_failure_in_any_step_removes_the_temp_dir(
     model, tmp_path, monkeypatch, module, name, error, expected, message
@@ -223,7 +224,7 @@ def test_failure_in_any_step_removes_the_temp_dir(
 
     monkeypatch.setattr(module, name, fail)
     with pytest.raises(expected) as caught:
-        export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=True)
+        export.export_version(model, **helpers.export_kwargs(tmp_path), tflite="int8")
     assert type(caught.value) is expected
     assert message in str(caught.value)
 
@@ -315,20 +316,104 @@ def test_an_export_leaves_staging_alone_while_another_exporter_holds_the_lock(mo
 
 
 def test_tflite_int8_model_is_written_and_its_accuracy_recorded(repo, model):
-    _, first, _ = repo
+    _, first, second = repo
     section = first.model_card["tflite"]
     path = first.path / section["path"]
     images, labels = helpers.held_out_data()
 
+    # Where TF Serving's --prefer_tflite_model looks: the version directory itself.
+    assert section["path"] == "model.tflite" and path.parent == first.path
+    assert not (second.path / "model.tflite").exists()
     assert section["quantization"] == "int8"
     assert section["size_bytes"] == path.stat().st_size > 0
     assert tflite_export.int8_tensor_count(path) > 0
-    assert 0.0 <= section["test_accuracy"] <= 1.0
-    assert section["test_accuracy"] == pytest.approx(section["float_test_accuracy"], abs=0.05)
     float_classes = model(images, training=False).numpy().argmax(axis=-1)
-    agreement = np.mean(tflite_export.predict_classes(path, images) == float_classes)
-    assert agreement >= 0.9
-    assert section["float_test_accuracy"] == pytest.approx(np.mean(float_classes == labels))
+    tflite_classes = tflite_export.predict_classes(path, images)
+    assert section["test_accuracy"] == np.mean(tflite_classes == labels)
+    assert section["saved_model_test_accuracy"] == pytest.approx(np.mean(float_classes == labels))
+    assert section["class_agreement"] == np.mean(tflite_classes == float_classes) >= 0.9
+    assert section["test_examples"] == len(labels)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16"])
+def test_float_tflite_kinds_match_the_saved_model(model, tmp_path, kind):
+    result = export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=kind)
+    section = result.model_card["tflite"]
+    path = result.path / "model.tflite"
+    images, _ = helpers.held_out_data()
+
+    assert section["quantization"] == kind
+    assert tflite_export.int8_tensor_count(path) == 0
+    assert (tflite_export.tensor_count(path, np.float16) > 0) == (kind == "float16")
+    runner = tflite_export.interpreter(path).get_signature_runner("serving_default")
+    outputs = runner(images=images)
+    expected = tf.nn.softmax(model(images, training=False)).numpy()
+    np.testing.assert_allclose(
+        outputs["probabilities"], expected, atol=1e-5 if kind == "float32" else 2e-3
+    )
+    assert section["class_agreement"] == 1.0
+    assert section["test_accuracy"] == section["saved_model_test_accuracy"]
+
+
+def test_tflite_file_carries_the_saved_model_signature_for_tf_serving(repo):
+    """tflite_session.cc reads SignatureDefs from the `signature_defs_metadata` metadata; the
+    served version then has the SavedModel's keys, dtypes and shapes."""
+    from convstack.serving.tflite import load_tflite_version
+
+    _, first, _ = repo
+    served = load_tflite_version("tiny", 1, first.path).signature_def_map().signature_def
+    signature = served["serving_default"]
+    assert set(served) == {"serving_default"}
+    assert signature.method_name == "tensorflow/serving/predict"
+    assert set(signature.inputs) == {"images"} and set(signature.outputs) == {
+        "probabilities",
+        "classes",
+    }
+    assert [d.size for d in signature.inputs["images"].tensor_shape.dim] == [-1, 28, 28, 1]
+    assert signature.outputs["classes"].dtype == tf.int64.as_datatype_enum
+    card_signature = first.model_card["signatures"]["serving_default"]
+    assert card_signature["outputs"]["probabilities"]["shape"] == [None, 10]
+
+
+def test_unknown_tflite_kind_is_refused_before_anything_is_written(model, tmp_path):
+    with pytest.raises(ExportError, match="tflite must be None or one of float32, float16, int8"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path), tflite="int4")
+    assert _leftovers(tmp_path / "tiny") == []
+
+
+# --- the Keras-native copy ---------------------------------------------------------------------
+
+
+def test_keras_file_reloads_to_the_saved_model_outputs(repo):
+    """keras.models.load_model on assets.extra/model.keras gives serving_default's
+    probabilities within the export tolerance (1e-5 for float32) and the same classes."""
+    _, _, second = repo
+    images, _ = helpers.held_out_data()
+    reloaded = keras.models.load_model(second.path / "assets.extra" / "model.keras")
+    served = tf.saved_model.load(str(second.path)).signatures["serving_default"](
+        images=tf.constant(images)
+    )
+
+    probabilities = tf.nn.softmax(reloaded(images, training=False)).numpy()
+    np.testing.assert_allclose(probabilities, served["probabilities"].numpy(), atol=1e-5)
+    np.testing.assert_array_equal(probabilities.argmax(-1), served["classes"].numpy())
+    # TF Serving and our server load the SavedModel and ignore assets.extra.
+    assert (second.path / export.KERAS_FILE).parent.name == "assets.extra"
+
+
+def test_keras_file_that_differs_from_the_saved_model_fails_the_export(
+    model, tmp_path, monkeypatch
+):
+    def write_other_weights(model_, directory):
+        other = keras.models.clone_model(model_)
+        other.set_weights([w + 0.5 for w in model_.get_weights()])
+        return original(other, directory)
+
+    original = export.write_keras_model
+    monkeypatch.setattr(export, "write_keras_model", write_other_weights)
+    with pytest.raises(ExportError, match=r"model\.keras reloaded vs SavedModel serving_default"):
+        export.export_version(model, **helpers.export_kwargs(tmp_path))
+    assert _leftovers(tmp_path / "tiny") == []
 
 
 def test_non_chief_export_does_the_work_but_leaves_nothing(repo, model):
@@ -361,7 +446,7 @@ def test_mixed_precision_model_exports_with_looser_tolerance_and_float32_tflite(
     model = helpers.build_tiny_model()
     assert export._tolerance(model) == export.MIXED_PRECISION_ATOL
 
-    result = export.export_version(model, **helpers.export_kwargs(tmp_path), tflite=True)
+    result = export.export_version(model, **helpers.export_kwargs(tmp_path), tflite="int8")
 
     assert result.version == 1
     # The int8 converter cannot take bfloat16 ops; export converts a float32 copy instead.
