@@ -14,7 +14,7 @@ MODELS_CONFIG := models.config
 TARGET ?= localhost:8500
 
 .PHONY: setup demo train serve rollout predict test lint format bench bench-train bench-serve \
-	k8s-render protos clean
+	bench-peer k8s-render protos clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -85,6 +85,15 @@ bench-train: setup
 bench-serve: setup
 	$(CONVSTACK) bench serve --model-base $(DEMO_DIR)/models --model-name digits \
 		--out bench-results/serve.json
+
+# The same against KServe's Python server, side by side (its venv is made once, cached under
+# ~/.cache/convstack). Trains a small digits model first if `make demo` has not exported one.
+BENCH_MODELS := $(if $(wildcard $(DEMO_DIR)/models/digits/1),$(DEMO_DIR)/models,build/bench/models)
+bench-peer: setup
+	test -d $(BENCH_MODELS)/digits || $(CONVSTACK) train --data digits --replicas 1 --epochs 3 \
+		--model-base $(BENCH_MODELS) --model-name digits --run-dir build/bench/runs/digits
+	$(CONVSTACK) bench serve --peer kserve --model-base $(BENCH_MODELS) --model-name digits \
+		--out bench-results/serve-peer.json
 
 # Render and validate every Kustomize overlay into build/k8s/OVERLAY.yaml.
 k8s-render: setup

@@ -1,12 +1,19 @@
-"""`convstack bench serve`: what serving costs on top of the model itself.
+"""`convstack bench serve`: what serving costs on top of the model itself, and against a peer.
 
 Measures, in one run on this machine: the floor (the in-process `LoadedVersion.run` call, no
 transport), then Predict over gRPC and REST on loopback against `convstack serve` subprocesses
-without and with server-side batching, at batch 1 and 32 and concurrency 1 and 32 (closed loop,
-client.loadgen); both servers run with the same TensorFlow thread pools (--server-intra-op-threads,
---server-inter-op-threads). Reports latency, throughput, each p50 over the floor at the same
-batch, the batching speed-up, and two goals. A benchmark, not a test: it reports, never fails on
-a number.
+without and with server-side batching, at each shape (batch x concurrency, closed loop,
+client.loadgen). With `--peer kserve` it also serves the same version with KServe's Python
+`ModelServer` (its own venv, convstack/bench/peer.py), as its docs write a custom model and with
+`gc.freeze()` after loading, and sends it the same REST bytes (TF Serving's row format, which
+KServe's v1 protocol is) and the same tensors over its v2 gRPC.
+
+Every server runs throughout; each shape is measured `--rounds` times with the variants
+interleaved round by round (convstack/bench/rounds.py), the machine's CPU, this process's and
+each server's (/proc) recorded around every measurement. Reports each figure's median and
+min-max, the server's CPU per request, ratios round by round, rounds flagged where other work
+used the cores (`--reruns` measures them again), and the goals. The JSON keeps every round. A
+benchmark, not a test: it reports, never fails on a number.
 """
 
 from __future__ import annotations
@@ -21,11 +28,14 @@ import re
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from convstack.bench import rounds as rounds_lib
 from convstack.common.files import write_json_atomic
+from convstack.common.flags import positive_int, positive_number
 from convstack.serving.cli import thread_count
 from convstack.serving.process import ServerProcess, ServerProcessError
 
@@ -34,8 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_BASE = "build/demo/models"
 DEFAULT_MODEL_NAME = "digits"
 SIGNATURE = "serving_default"
-BATCH_SIZES = (1, 32)
-CONCURRENCIES = (1, 32)
+# (batch, concurrency): the issue's table.
+DEFAULT_SHAPES = ((1, 1), (1, 32), (32, 4))
 PROTOCOLS = ("grpc", "rest")
 # A common starting point for a small CPU model: batches up to 32 rows, waiting at most 2 ms for
 # them to fill, one batch per core, and a queue deep enough for 32 concurrent clients.
@@ -46,6 +56,8 @@ BATCHING_PARAMETERS = {
     "max_enqueued_batches": 64,
 }
 SERVER_KINDS = {"unbatched": False, "batched": True}
+PEERS = ("kserve",)
+PEER_KINDS = {"kserve": False, "kserve-gc-freeze": True}  # kind: gc.freeze() after loading
 # Both servers get the same TensorFlow thread pools, so the comparison stays fair. One thread
 # each: with TensorFlow's defaults (a pool thread per core) the pools compete for this machine's
 # two cores with the event loop and the load client, and this small model gains nothing from
@@ -57,10 +69,20 @@ _THREADS_LOGGED = re.compile(
     r"TensorFlow thread pools: intra_op_parallelism=(\d+) inter_op_parallelism=(\d+)"
 )
 GOAL_OVERHEAD_MS = 1.0
-GOAL_BATCHING_SPEEDUP = 2.0
+GOAL_PEER_THROUGHPUT = 1.5
 FLOOR_MIN_CALLS = 20
 WARMUP_REQUESTS = 10
+DEFAULT_ROUNDS = 5
+DEFAULT_DURATION = 2.0
 EXIT_BAD_INPUT = 2
+SUMMARY_KEYS = (
+    "throughput",
+    "images_per_second",
+    "latency_ms.p50",
+    "latency_ms.p99",
+    "server_cpu_ms_per_request",
+    "client_cpu_ms_per_request",
+)
 
 
 class BenchError(RuntimeError):
@@ -71,11 +93,25 @@ class MissingModelError(BenchError):
     """No exported version where the benchmark looks (a usage error)."""
 
 
+def shape_list(text: str) -> tuple[tuple[int, int], ...]:
+    """`1x1,1x32,32x4` -> ((1, 1), (1, 32), (32, 4)): batch x concurrency."""
+    shapes = []
+    for item in text.split(","):
+        batch, sep, concurrency = item.strip().lower().partition("x")
+        if not (sep and batch.isdigit() and concurrency.isdigit()) or "0" in (batch, concurrency):
+            raise argparse.ArgumentTypeError(
+                f"{item.strip()!r} is not BATCHxCONCURRENCY with both >= 1 (e.g. 32x4)"
+            )
+        shapes.append((int(batch), int(concurrency)))
+    return tuple(shapes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="convstack bench serve",
         description="Latency and throughput of Predict over gRPC and REST, without and with "
-        "server-side batching, against the in-process model call.",
+        "server-side batching (and against KServe with --peer kserve), against the in-process "
+        "model call; every shape measured in interleaved rounds.",
     )
     parser.add_argument(
         "--model-base", default=DEFAULT_MODEL_BASE, help=f"default: {DEFAULT_MODEL_BASE}"
@@ -84,14 +120,54 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-name", default=DEFAULT_MODEL_NAME, help=f"default: {DEFAULT_MODEL_NAME}"
     )
     parser.add_argument(
-        "--duration", type=float, default=5.0, help="seconds per measurement (default 5)"
+        "--duration",
+        type=positive_number,
+        default=DEFAULT_DURATION,
+        help=f"seconds per measurement (default {DEFAULT_DURATION})",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=DEFAULT_ROUNDS,
+        help=f"measurements of every variant at every shape (default {DEFAULT_ROUNDS})",
+    )
+    parser.add_argument(
+        "--reruns",
+        type=int,
+        default=0,
+        help="measure a round again, up to this many times, while other work used the cores "
+        "(default 0: flag it only)",
+    )
+    parser.add_argument(
+        "--contended-cores",
+        type=float,
+        default=rounds_lib.DEFAULT_CONTENDED_CORES,
+        help="other work above this many cores flags a round "
+        f"(default {rounds_lib.DEFAULT_CONTENDED_CORES})",
+    )
+    parser.add_argument(
+        "--shapes",
+        type=shape_list,
+        default=DEFAULT_SHAPES,
+        help="BATCHxCONCURRENCY list (default "
+        + ",".join(f"{b}x{c}" for b, c in DEFAULT_SHAPES)
+        + ")",
+    )
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS), help="grpc,rest (default both)")
+    parser.add_argument(
+        "--peer",
+        choices=PEERS,
+        help="also serve the version with this peer (KServe: its own venv, cached) and compare",
+    )
+    parser.add_argument(
+        "--no-batched", action="store_true", help="leave out convstack's batching server"
     )
     parser.add_argument(
         "--server-intra-op-threads",
         type=thread_count,
         default=DEFAULT_SERVER_INTRA_OP_THREADS,
         metavar="N",
-        help="both servers' --tensorflow_intra_op_parallelism; 0: TensorFlow decides "
+        help="every server's TensorFlow intra-op pool; 0: TensorFlow decides "
         f"(default {DEFAULT_SERVER_INTRA_OP_THREADS})",
     )
     parser.add_argument(
@@ -99,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=thread_count,
         default=DEFAULT_SERVER_INTER_OP_THREADS,
         metavar="N",
-        help="both servers' --tensorflow_inter_op_parallelism; 0: TensorFlow decides "
+        help="every server's TensorFlow inter-op pool; 0: TensorFlow decides "
         f"(default {DEFAULT_SERVER_INTER_OP_THREADS})",
     )
     parser.add_argument(
@@ -145,6 +221,8 @@ def make_inputs(signature, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 def measure_floor(loaded, inputs: dict[str, np.ndarray], duration: float) -> dict:
     """Time `loaded.run` (validation, tensor conversion, the signature call) in a loop."""
+    from convstack.client.loadgen import latency_summary
+
     for _ in range(5):  # tracing and allocator warm-up
         loaded.run(SIGNATURE, inputs)
     latencies = []
@@ -154,8 +232,6 @@ def measure_floor(loaded, inputs: dict[str, np.ndarray], duration: float) -> dic
         loaded.run(SIGNATURE, inputs)
         latencies.append(time.perf_counter() - call)
     seconds = time.perf_counter() - started
-    from convstack.client.loadgen import latency_summary
-
     return {
         "calls": len(latencies),
         "seconds": seconds,
@@ -164,83 +240,15 @@ def measure_floor(loaded, inputs: dict[str, np.ndarray], duration: float) -> dic
     }
 
 
-# --- server subprocesses: serving.process.ServerProcess ------------------------------------
-
-
 def process_cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a process so far (Linux /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return rounds_lib.process_cpu_seconds(pid)
 
 
 def write_batching_parameters(path: Path, parameters: dict[str, int]) -> Path:
     """A BatchingParameters text proto (wrapper fields, as TF Serving reads them)."""
     path.write_text("".join(f"{key} {{ value: {value} }}\n" for key, value in parameters.items()))
     return path
-
-
-# --- measurements -----------------------------------------------------------------------------
-
-
-def _measure_server(kind, server, model_name, inputs_by_batch, duration) -> list[dict]:
-    from convstack.client.loadgen import LoadSpec
-
-    results = []
-    for protocol in PROTOCOLS:
-        target = server.grpc_target if protocol == "grpc" else server.rest_target
-        for batch, inputs in inputs_by_batch.items():
-            for concurrency in CONCURRENCIES:
-                spec = LoadSpec(
-                    target=target,
-                    protocol=protocol,
-                    model_name=model_name,
-                    inputs=inputs,
-                    concurrency=concurrency,
-                    duration=duration,
-                    warmup_requests=WARMUP_REQUESTS,
-                )
-                load, cpu = _load_with_cpu(spec, server.process.pid)
-                entry = {
-                    "key": f"{protocol}/{kind}/b{batch}/c{concurrency}",
-                    "protocol": protocol,
-                    "server": kind,
-                    "batch": batch,
-                    "concurrency": concurrency,
-                    **load.to_json(),
-                    "images_per_second": load.throughput * batch,
-                    "cpu_percent": cpu,
-                }
-                log.info(
-                    "%s: p50 %.2f ms, %.0f req/s, errors %s",
-                    entry["key"],
-                    load.latency_ms["p50"],
-                    load.throughput,
-                    load.errors or "none",
-                )
-                results.append(entry)
-    return results
-
-
-def _load_with_cpu(spec, server_pid: int):
-    """The load result, and the CPU the client (this process) and the server used meanwhile, in
-    percent of one core over the whole run, warmup included: on a shared machine they show who
-    held the cores."""
-    from convstack.client.loadgen import run_load_sync
-
-    wall, client = time.perf_counter(), time.process_time()
-    server = process_cpu_seconds(server_pid)
-    load = run_load_sync(spec)
-    wall = time.perf_counter() - wall
-    client = time.process_time() - client
-    server_after = process_cpu_seconds(server_pid)
-    server = None if server is None or server_after is None else server_after - server
-    return load, {
-        "client": 100 * client / wall,
-        "server": None if server is None else 100 * server / wall,
-    }
 
 
 def server_flags(kind: str, workdir: Path, threads: dict[str, int]) -> list[str]:
@@ -261,77 +269,248 @@ def reported_threads(log_text: str) -> dict[str, int] | None:
     return {"intra_op": int(match[1]), "inter_op": int(match[2])} if match else None
 
 
-def _run_server(kind, model_name, model_dir, workdir, inputs_by_batch, duration, threads) -> dict:
-    flags = server_flags(kind, workdir, threads)
-    server = ServerProcess.start(model_name, model_dir, workdir / f"{kind}.log", flags)
+# --- the servers under test -------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    """One server under test: its process, and the gRPC protocol it speaks."""
+
+    name: str
+    server: object  # ServerProcess or peer.PeerProcess
+    grpc_protocol: str  # "grpc" (TF Serving's Predict) or "grpc-v2" (ModelInfer)
+    flags: list[str]
+
+    def target(self, protocol: str) -> str:
+        return self.server.rest_target if protocol == "rest" else self.server.grpc_target
+
+    def wire_protocol(self, protocol: str) -> str:
+        return "rest" if protocol == "rest" else self.grpc_protocol
+
+
+def start_variants(args, model_dir: Path, version_dir: Path, workdir: Path) -> list[Variant]:
+    """Every server of the run, started and AVAILABLE (stopped again if one fails)."""
+    threads = server_threads(args)
+    started: list[Variant] = []
     try:
-        server.wait_available(model_name)
-        reported = reported_threads(server.log_path.read_text(errors="replace"))
-        if reported != threads:
-            log.warning(
-                "the %s server reports TensorFlow threads %s, not %s", kind, reported, threads
-            )
-        measurements = _measure_server(kind, server, model_name, inputs_by_batch, duration)
-    finally:
-        exit_code = server.stop()
-    if exit_code != 0:
-        log.error("the %s server exited with %s:\n%s", kind, exit_code, server.log_tail())
-    return {
-        "flags": flags,
-        "tensorflow_threads_reported": reported,
-        "exit_code": exit_code,
-        "measurements": measurements,
-    }
+        for kind in SERVER_KINDS:
+            if kind == "batched" and args.no_batched:
+                continue
+            flags = server_flags(kind, workdir, threads)
+            server = ServerProcess.start(args.model_name, model_dir, workdir / f"{kind}.log", flags)
+            started.append(Variant(kind, server, "grpc", flags))
+        if args.peer == "kserve":
+            started += _start_kserve(args, version_dir, workdir, threads)
+        for variant in started:
+            variant.server.wait_available(args.model_name)
+    except BaseException:
+        stop_variants(started)
+        raise
+    return started
 
 
-def _p50(entry: dict) -> float:
-    value = entry["latency_ms"]["p50"]
-    return math.nan if value is None else value
+def _start_kserve(args, version_dir: Path, workdir: Path, threads) -> list[Variant]:
+    import tensorflow as tf
 
+    from convstack.bench import peer
 
-def _ratio(a: float, b: float) -> float | None:
-    return None if not (a > 0 and b > 0) else a / b
-
-
-def compute_ratios(floor: dict, measurements: list[dict]) -> dict:
-    """Each p50 over the floor's at the same batch and the difference in ms; batched over
-    unbatched throughput at concurrency 32, batch 1, per protocol."""
-    p50_over, overhead = {}, {}
-    for entry in measurements:
-        base = floor[str(entry["batch"])]["latency_ms"]["p50"]
-        p50 = _p50(entry)
-        p50_over[entry["key"]] = _ratio(p50, base)
-        overhead[entry["key"]] = None if math.isnan(p50) else p50 - base
-    by_key = {entry["key"]: entry for entry in measurements}
-    speedup = {
-        protocol: _ratio(
-            by_key[f"{protocol}/batched/b1/c32"]["throughput"],
-            by_key[f"{protocol}/unbatched/b1/c32"]["throughput"],
+    if threads["intra_op"] != threads["inter_op"]:
+        log.warning("the KServe peer runs with one pool size for both: %s", threads["intra_op"])
+    python = peer.ensure_venv(tf.__version__)
+    variants = []
+    for kind, freeze in PEER_KINDS.items():
+        server = peer.PeerProcess.start(
+            python,
+            args.model_name,
+            version_dir,
+            workdir / f"{kind}.log",
+            gc_freeze=freeze,
+            threads=threads["intra_op"],
         )
-        for protocol in PROTOCOLS
-    }
+        flags = [f"kserve=={peer.KSERVE_VERSION}", *(["gc.freeze()"] if freeze else [])]
+        variants.append(Variant(kind, server, "grpc-v2", flags))
+    return variants
+
+
+def stop_variants(variants: list[Variant]) -> dict[str, int]:
+    """SIGTERM every server; their exit codes."""
+    codes = {}
+    for variant in variants:
+        codes[variant.name] = variant.server.stop()
+        if codes[variant.name] != 0:
+            log.error(
+                "the %s server exited with %s:\n%s",
+                variant.name,
+                codes[variant.name],
+                variant.server.log_tail(),
+            )
+    return codes
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def shape_key(protocol: str, batch: int, concurrency: int) -> str:
+    return f"{protocol}/b{batch}/c{concurrency}"
+
+
+def _load_once(variant: Variant, protocol: str, args, inputs, concurrency: int):
+    from convstack.client.loadgen import LoadSpec, run_load_sync
+
+    spec = LoadSpec(
+        target=variant.target(protocol),
+        protocol=variant.wire_protocol(protocol),
+        model_name=args.model_name,
+        inputs=inputs,
+        concurrency=concurrency,
+        duration=args.duration,
+        warmup_requests=WARMUP_REQUESTS,
+        rest_format="row",
+    )
+
+    def measure() -> dict:
+        load = run_load_sync(spec)
+        return {**load.to_json(), "images_per_second": load.throughput * len_rows(inputs)}
+
+    return measure
+
+
+def len_rows(inputs: dict[str, np.ndarray]) -> int:
+    return len(next(iter(inputs.values())))
+
+
+def add_cpu_per_request(record: dict) -> dict:
+    """The server's and this process's CPU per OK request (ms) from a round's CPU seconds."""
+    figures, cpu = record["figures"], record["cpu_seconds"]
+    ok = figures.get("ok") or 0
+    server = cpu["watched"].get("server")
+    figures["server_cpu_ms_per_request"] = None if not ok or server is None else 1e3 * server / ok
+    figures["client_cpu_ms_per_request"] = None if not ok else 1e3 * cpu["own"] / ok
+    return record
+
+
+def measure_shapes(args, variants: list[Variant], inputs_by_batch) -> dict[str, list[dict]]:
+    """For each shape, every variant in interleaved rounds: {shape key: records}."""
+    by_name = {variant.name: variant for variant in variants}
+    results = {}
+    for protocol in args.protocol_list:
+        for batch, concurrency in args.shapes:
+            key = shape_key(protocol, batch, concurrency)
+            measures = {
+                v.name: _load_once(v, protocol, args, inputs_by_batch[batch], concurrency)
+                for v in variants
+            }
+
+            def report(record: dict, key=key) -> None:
+                add_cpu_per_request(record)
+                figures = record["figures"]
+                log.info(
+                    "%s %s round %d: %.0f req/s, p99 %s ms, server %s ms/req, other work %s "
+                    "cores%s",
+                    key,
+                    record["variant"],
+                    record["round"],
+                    figures["throughput"],
+                    _fmt(figures["latency_ms"]["p99"]),
+                    _fmt(figures["server_cpu_ms_per_request"]),
+                    _fmt(record["cores"]["other"]),
+                    " (contended)" if record["contended"] else "",
+                )
+
+            results[key] = rounds_lib.run_rounds(
+                measures,
+                args.rounds,
+                watch=lambda name: {"server": by_name[name].server.process.pid},
+                contended_cores=args.contended_cores,
+                reruns=args.reruns,
+                on_round=report,
+            )
+    return results
+
+
+# --- statistics and goals ---------------------------------------------------------------------
+
+
+def summarize_shapes(records_by_shape: dict[str, list[dict]], names: list[str]) -> dict:
+    """{shape key: {variant: summary}} with each figure's median and min-max."""
     return {
-        "p50_over_floor": p50_over,
-        "overhead_ms": overhead,
-        "batched_over_unbatched_throughput_c32_b1": speedup,
+        key: {name: rounds_lib.summarize(records, name, SUMMARY_KEYS) for name in names}
+        for key, records in records_by_shape.items()
     }
 
 
-def evaluate_goals(ratios: dict) -> dict:
-    """The two goals, each with its target, the measured value and whether it was met."""
-    overhead = ratios["overhead_ms"]["grpc/unbatched/b1/c1"]
-    speedup = ratios["batched_over_unbatched_throughput_c32_b1"]["grpc"]
-    return {
-        "grpc_batch1_p50_overhead_ms": {
+def _ours(names: list[str]) -> list[str]:
+    return [name for name in names if name in SERVER_KINDS]
+
+
+def compute_ratios(records_by_shape: dict[str, list[dict]], names: list[str]) -> dict:
+    """Throughput ratios at each shape, round by round and of the medians: batched over
+    unbatched, and each of ours over every peer kind."""
+    ratios: dict = {}
+    for key, records in records_by_shape.items():
+        shape: dict = {}
+        if {"batched", "unbatched"} <= set(names):
+            shape["batched/unbatched"] = rounds_lib.paired_ratio(
+                records, "batched", "unbatched", "throughput"
+            )
+        for ours in _ours(names):
+            for peer in (name for name in names if name in PEER_KINDS):
+                shape[f"{ours}/{peer}"] = rounds_lib.paired_ratio(records, ours, peer, "throughput")
+        ratios[key] = shape
+    return ratios
+
+
+def _median(summary: dict, key: str) -> float | None:
+    return summary[key]["median"]
+
+
+def evaluate_goals(summaries: dict, floor: dict, names: list[str]) -> dict:
+    """The goals at each shape: batching never slower than not batching; with a peer, the
+    faster of ours at least GOAL_PEER_THROUGHPUT x KServe + gc.freeze with no higher p99;
+    gRPC batch-1 concurrency-1 p50 within GOAL_OVERHEAD_MS of the floor."""
+    goals: dict = {}
+    for key, by_variant in summaries.items():
+        if {"batched", "unbatched"} <= set(by_variant):
+            batched = _median(by_variant["batched"], "throughput")
+            unbatched = _median(by_variant["unbatched"], "throughput")
+            ratio = batched / unbatched if batched and unbatched else None
+            goals[f"batching_not_slower/{key}"] = {
+                "target": ">= 1.0",
+                "measured": ratio,
+                "met": ratio is not None and ratio >= 1.0,
+            }
+        if "kserve-gc-freeze" in by_variant:
+            goals[f"ahead_of_kserve_gc_freeze/{key}"] = _peer_goal(by_variant, names)
+    grpc_b1c1 = summaries.get(shape_key("grpc", 1, 1), {}).get("unbatched")
+    if grpc_b1c1 and "1" in floor:
+        p50 = _median(grpc_b1c1, "latency_ms.p50")
+        overhead = None if p50 is None else p50 - floor["1"]["latency_ms"]["p50"]
+        goals["grpc_batch1_p50_overhead_ms"] = {
             "target": f"< {GOAL_OVERHEAD_MS}",
             "measured": overhead,
             "met": overhead is not None and overhead < GOAL_OVERHEAD_MS,
-        },
-        "grpc_batching_throughput_speedup_c32_b1": {
-            "target": f">= {GOAL_BATCHING_SPEEDUP}",
-            "measured": speedup,
-            "met": speedup is not None and speedup >= GOAL_BATCHING_SPEEDUP,
-        },
+        }
+    return goals
+
+
+def _peer_goal(by_variant: dict, names: list[str]) -> dict:
+    peer = by_variant["kserve-gc-freeze"]
+    peer_rps, peer_p99 = _median(peer, "throughput"), _median(peer, "latency_ms.p99")
+    ours = [n for n in _ours(names) if _median(by_variant[n], "throughput") is not None]
+    best = max(ours, key=lambda n: _median(by_variant[n], "throughput"), default=None)
+    if best is None or not peer_rps:
+        return {"target": f">= {GOAL_PEER_THROUGHPUT}x, p99 <=", "measured": None, "met": False}
+    ratio = _median(by_variant[best], "throughput") / peer_rps
+    p99 = _median(by_variant[best], "latency_ms.p99")
+    return {
+        "target": f">= {GOAL_PEER_THROUGHPUT}x throughput, p99 <= the peer's",
+        "variant": best,
+        "measured": ratio,
+        "p99_ms": {"ours": p99, "peer": peer_p99},
+        "met": ratio >= GOAL_PEER_THROUGHPUT
+        and p99 is not None
+        and peer_p99 is not None
+        and p99 <= peer_p99,
     }
 
 
@@ -349,9 +528,9 @@ def machine_info() -> dict:
         "tensorflow": tf.__version__,
         "grpcio": grpc.__version__,
         "numpy": np.__version__,
-        "note": f"the load generator (this Python process, asyncio) and each server share "
-        f"these {cpus} CPUs; each measurement's cpu_percent (100 = one core, warmup included) "
-        "shows how they split them. A client on its own machine would leave the server more",
+        "note": f"the load generator (this Python process, asyncio) and every server share "
+        f"these {cpus} CPUs; each round records the cores this process, the server under load "
+        "and other work used. A client on its own machine would leave the server more",
     }
 
 
@@ -365,33 +544,8 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _measure_all(args, loaded, model_dir: Path):
-    inputs_by_batch = {
-        batch: make_inputs(loaded.signature(SIGNATURE), batch) for batch in BATCH_SIZES
-    }
-    floor = {}
-    for batch, inputs in inputs_by_batch.items():
-        floor[str(batch)] = measure_floor(loaded, inputs, args.duration)
-        log.info("floor b%d: p50 %.3f ms", batch, floor[str(batch)]["latency_ms"]["p50"])
-    threads = server_threads(args)
-    servers, measurements = {}, []
-    with tempfile.TemporaryDirectory(prefix="convstack-bench-serve-") as workdir:
-        for kind in SERVER_KINDS:
-            servers[kind] = _run_server(
-                kind,
-                args.model_name,
-                model_dir,
-                Path(workdir),
-                inputs_by_batch,
-                args.duration,
-                threads,
-            )
-            measurements += servers[kind].pop("measurements")
-    return floor, servers, measurements
-
-
 def server_threads(args: argparse.Namespace) -> dict[str, int]:
-    """The TensorFlow thread pools both servers run with."""
+    """The TensorFlow thread pools every server runs with."""
     return {"intra_op": args.server_intra_op_threads, "inter_op": args.server_inter_op_threads}
 
 
@@ -404,43 +558,85 @@ def _floor_threads() -> dict[str, int]:
     }
 
 
+def _protocol_list(text: str) -> list[str]:
+    chosen = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in PROTOCOLS]
+    if unknown or not chosen:
+        raise UsageError(f"--protocols takes grpc and/or rest, got {text!r}")
+    return chosen
+
+
+class UsageError(BenchError):
+    """Arguments that parse but cannot run."""
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
-    """Every measurement, ratio and goal as one JSON-ready dict."""
+    """Every round, summary, ratio and goal as one JSON-ready dict."""
     from convstack.serving.servable import load_version
 
+    args.protocol_list = _protocol_list(args.protocols)
     version, path = latest_version(Path(args.model_base), args.model_name)
-    # Other work on the machine skews every figure; recorded so a reader can tell.
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    machine_before = rounds_lib.machine_state()
     log.info("benchmarking %s version %d (%s)", args.model_name, version, path)
     loaded = load_version(args.model_name, version, path)
     # TensorFlow's Python heap is large; without this, a full collection in this process (the
     # floor and the load generator) pauses it for ~0.2 s now and then.
     gc.freeze()
+    batches = sorted({batch for batch, _ in args.shapes})
+    inputs_by_batch = {b: make_inputs(loaded.signature(SIGNATURE), b) for b in batches}
     try:
-        floor, servers, measurements = _measure_all(args, loaded, path.parent)
+        floor = {
+            str(b): measure_floor(loaded, inputs_by_batch[b], min(args.duration, 2.0))
+            for b in batches
+        }
+        with tempfile.TemporaryDirectory(prefix="convstack-bench-serve-") as workdir:
+            variants = start_variants(args, path.parent, path, Path(workdir))
+            try:
+                reported = {
+                    v.name: reported_threads(v.server.log_path.read_text(errors="replace"))
+                    for v in variants
+                    if v.name in SERVER_KINDS
+                }
+                records = measure_shapes(args, variants, inputs_by_batch)
+            finally:
+                exit_codes = stop_variants(variants)
     finally:
         gc.unfreeze()
-    ratios = compute_ratios(floor, measurements)
+    names = [v.name for v in variants]
+    summaries = summarize_shapes(records, names)
     return {
         "benchmark": "serve",
         "model": {"base": str(Path(args.model_base)), "name": args.model_name, "version": version},
         "duration_seconds": args.duration,
+        "rounds": args.rounds,
+        "reruns": args.reruns,
+        "contended_cores": args.contended_cores,
         "warmup_requests": WARMUP_REQUESTS,
-        "load": "closed loop (client.loadgen), one request per worker at a time",
-        "machine": machine_info() | {"load_average_before": load_before},
+        "load": "closed loop (client.loadgen), one request per worker at a time; REST bodies in "
+        'TF Serving\'s row format ({"instances": ...}), the same bytes to every server',
+        "machine": machine_info() | {"before": machine_before, "after": rounds_lib.machine_state()},
         "batching_parameters": BATCHING_PARAMETERS,
         "tensorflow_threads": {
             "servers": server_threads(args),
             "floor": _floor_threads(),
             "note": "TensorFlow's intra-op and inter-op thread pools; 0: TensorFlow decides "
-            "(about one thread per core each). Both servers run with the same; the floor runs "
+            "(about one thread per core each). Every server runs with the same; the floor runs "
             "in this process with TensorFlow's defaults",
         },
-        "servers": servers,
+        "servers": {
+            v.name: {
+                "flags": v.flags,
+                "grpc_protocol": v.grpc_protocol,
+                "tensorflow_threads_reported": reported.get(v.name),
+                "exit_code": exit_codes[v.name],
+            }
+            for v in variants
+        },
         "floor": floor,
-        "measurements": measurements,
-        "ratios": ratios,
-        "goals": evaluate_goals(ratios),
+        "summary": summaries,
+        "ratios": compute_ratios(records, names),
+        "goals": evaluate_goals(summaries, floor, names),
+        "rounds_by_shape": records,
     }
 
 
@@ -455,42 +651,54 @@ def _fmt(value, spec: str = ".2f") -> str:
     )
 
 
-def _cpu_text(cpu: dict) -> str:
-    return f"{_fmt(cpu['client'], '.0f')}/{_fmt(cpu['server'], '.0f')}"
+def _range(figure: dict, spec: str) -> str:
+    if figure["median"] is None:
+        return "-"
+    return f"{figure['median']:{spec}} [{figure['min']:{spec}}-{figure['max']:{spec}}]"
 
 
 def summary_table(report: dict) -> str:
-    """The printed summary: one row per configuration, then the ratios and goals."""
-    header = f"{'configuration':<26}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'img/s':>10}"
-    header += f"{'p50/floor':>11}{'+ms':>8}{'cpu% cli/srv':>14}  errors"
+    """The printed summary: one row per shape and server (medians [min-max] over the rounds),
+    then the ratios and goals."""
+    header = (
+        f"{'shape':<14}{'server':<18}{'req/s median [min-max]':>26}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'srv ms/req':>11}{'contended':>11}"
+    )
     rows = [header, "-" * len(header)]
     for batch, floor in report["floor"].items():
         lat = floor["latency_ms"]
         rows.append(
-            f"{'in-process/b' + batch:<26}{_fmt(lat['p50']):>9}{_fmt(lat['p99']):>9}"
-            f"{_fmt(floor['throughput'], '.0f'):>9}"
-            f"{_fmt(floor['throughput'] * int(batch), '.0f'):>10}{'1.00':>11}{'0':>8}{'':>14}"
+            f"{'b' + batch:<14}{'in-process':<18}{_fmt(floor['throughput'], '.0f'):>26}"
+            f"{_fmt(lat['p50']):>9}{_fmt(lat['p99']):>9}"
         )
-    ratios = report["ratios"]
-    for entry in report["measurements"]:
-        key, lat = entry["key"], entry["latency_ms"]
-        errors = ", ".join(f"{k}={v}" for k, v in entry["errors"].items()) or "-"
-        rows.append(
-            f"{key:<26}{_fmt(lat['p50']):>9}{_fmt(lat['p99']):>9}"
-            f"{_fmt(entry['throughput'], '.0f'):>9}{_fmt(entry['images_per_second'], '.0f'):>10}"
-            f"{_fmt(ratios['p50_over_floor'][key]):>11}{_fmt(ratios['overhead_ms'][key]):>8}"
-            f"{_cpu_text(entry['cpu_percent']):>14}  {errors}"
-        )
-    speedup = ratios["batched_over_unbatched_throughput_c32_b1"]
+    for key, by_variant in report["summary"].items():
+        for name, summary in by_variant.items():
+            rows.append(
+                f"{key:<14}{name:<18}{_range(summary['throughput'], '.0f'):>26}"
+                f"{_fmt(summary['latency_ms.p50']['median']):>9}"
+                f"{_fmt(summary['latency_ms.p99']['median']):>9}"
+                f"{_fmt(summary['server_cpu_ms_per_request']['median']):>11}"
+                f"{summary['contended_rounds']:>6}/{summary['rounds']:<4}"
+            )
     rows.append("")
-    rows.append(
-        "batched/unbatched throughput at c32 b1: "
-        + ", ".join(f"{p} {_fmt(v)}x" for p, v in speedup.items())
-    )
+    for key, ratios in report["ratios"].items():
+        text = ", ".join(
+            f"{name} {_fmt(r['of_medians'])}x [{_fmt(r['per_round']['min'])}-"
+            f"{_fmt(r['per_round']['max'])}]"
+            for name, r in ratios.items()
+        )
+        if text:
+            rows.append(f"{key}: {text}")
     for name, goal in report["goals"].items():
         verdict = "met" if goal["met"] else "NOT met"
         rows.append(f"goal {name} {goal['target']}: measured {_fmt(goal['measured'])}, {verdict}")
     rows.append(_threads_text(report))
+    contended = sum(s["contended_rounds"] for v in report["summary"].values() for s in v.values())
+    if contended:
+        rows.append(
+            f"{contended} rounds were measured while other work used more than "
+            f"{report['contended_cores']} cores (flagged in the JSON): the figures are noisy"
+        )
     return "\n".join(rows)
 
 
@@ -502,6 +710,7 @@ def _threads_text(report: dict) -> str:
     reported = ", ".join(
         f"{kind} {pools(server['tensorflow_threads_reported'])}"
         for kind, server in report["servers"].items()
+        if kind in SERVER_KINDS
     )
     return (
         f"TensorFlow threads intra/inter-op (0: TensorFlow decides): servers "
@@ -511,49 +720,35 @@ def _threads_text(report: dict) -> str:
 
 
 def write_plot(report: dict, path: Path) -> Path:
-    """Images/s and p50 latency per configuration, side by side (matplotlib, Agg)."""
+    """Median images/s and p99 latency per shape and server, with min-max bars (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, images, p50s, colors = [], [], [], []
-    palette = {"floor": "0.5", "unbatched": "tab:blue", "batched": "tab:orange"}
-    for batch, floor in report["floor"].items():
-        labels.append(f"in-process/b{batch}")
-        images.append(floor["throughput"] * int(batch))
-        p50s.append(floor["latency_ms"]["p50"])
-        colors.append(palette["floor"])
-    for entry in report["measurements"]:
-        labels.append(entry["key"])
-        images.append(entry["images_per_second"])
-        p50s.append(_p50(entry))
-        colors.append(palette[entry["server"]])
+    labels, images, low, high, p99s = [], [], [], [], []
+    for key, by_variant in report["summary"].items():
+        for name, summary in by_variant.items():
+            figure = summary["images_per_second"]
+            labels.append(f"{key} {name}")
+            images.append(figure["median"] or 0.0)
+            low.append((figure["median"] or 0.0) - (figure["min"] or 0.0))
+            high.append((figure["max"] or 0.0) - (figure["median"] or 0.0))
+            p99s.append(summary["latency_ms.p99"]["median"] or 0.0)
     rows = np.arange(len(labels))
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 0.32 * len(labels) + 1.8), sharey=True)
-    left.barh(rows, images, color=colors)
+    left.barh(rows, images, xerr=[low, high], color="tab:blue")
     left.set_xscale("log")
-    left.set_xlabel("images / s (log)")
+    left.set_xlabel("images / s, median and min-max of the rounds (log)")
     left.set_yticks(rows, labels, fontsize=8)
     left.invert_yaxis()
-    right.barh(rows, np.nan_to_num(p50s), color=colors)
+    right.barh(rows, p99s, color="tab:orange")
     right.set_xscale("log")
-    right.set_xlabel("p50 latency (ms, log)")
-    for axis, values, spec in ((left, images, ".0f"), (right, p50s, ".2f")):
-        axis.margins(x=0.12)  # room for the value labels
-        for row, value in zip(rows, values, strict=True):
-            axis.annotate(
-                _fmt(value, spec),
-                (value, row),
-                xytext=(3, 0),
-                textcoords="offset points",
-                va="center",
-                fontsize=7,
-            )
+    right.set_xlabel("p99 latency, median of the rounds (ms, log)")
     machine = report["machine"]
     figure.suptitle(
         f"convstack serve: {report['model']['name']} v{report['model']['version']}, "
-        f"{machine['cpus']} CPUs shared by client and server, TF {machine['tensorflow']}",
+        f"{machine['cpus']} CPUs shared by client and servers, {report['rounds']} rounds",
         fontsize=10,
     )
     figure.tight_layout()
@@ -564,16 +759,19 @@ def write_plot(report: dict, path: Path) -> Path:
 
 def bench_main(argv: list[str]) -> int:
     """`convstack bench serve`: run, print the summary, save JSON and PNG. 0 when it ran (goals
-    met or not), 2 for a missing model, 1 if a server failed or did not exit cleanly."""
+    met or not), 2 for a missing model or unusable arguments, 1 if a server failed or did not
+    exit cleanly, or the peer could not be set up."""
     args = build_parser().parse_args(argv)
     from convstack.common.logs import configure_logging
 
     configure_logging()
+    from convstack.bench.peer import PeerSetupError
+
     try:
         report = run_benchmark(args)
-    except (BenchError, ServerProcessError) as exc:
+    except (BenchError, ServerProcessError, PeerSetupError) as exc:
         print(f"convstack bench serve: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT if isinstance(exc, MissingModelError) else 1
+        return EXIT_BAD_INPUT if isinstance(exc, MissingModelError | UsageError) else 1
     out = Path(args.out)
     write_json_atomic(out, report, sort_keys=False)
     plot = write_plot(report, out.with_suffix(".png"))

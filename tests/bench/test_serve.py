@@ -1,5 +1,6 @@
-"""`convstack bench serve`: a missing model is a usage error, the goals are judged from the
-ratios, and a very short run on the tiny model writes every measurement, ratio and goal."""
+"""`convstack bench serve`: a missing model is a usage error, shapes parse, the goals are judged
+from the medians, and a very short run on the tiny model keeps every interleaved round with its
+CPU figures and summarizes them."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import json
 import pytest
 
 from convstack.bench.serve import (
-    BATCH_SIZES,
-    CONCURRENCIES,
+    DEFAULT_SHAPES,
     PROTOCOLS,
     SERVER_KINDS,
     bench_main,
@@ -18,15 +18,9 @@ from convstack.bench.serve import (
     evaluate_goals,
     reported_threads,
     server_flags,
+    shape_key,
 )
 from tests.serving.helpers import make_model_dir
-
-EXPECTED_KEYS = {
-    f"{protocol}/{kind}/b{batch}/c{concurrency}"
-    for protocol, kind, batch, concurrency in itertools.product(
-        PROTOCOLS, SERVER_KINDS, BATCH_SIZES, CONCURRENCIES
-    )
-}
 
 
 def test_missing_model_is_a_usage_error_that_says_what_to_run(tmp_path, capsys):
@@ -37,22 +31,53 @@ def test_missing_model_is_a_usage_error_that_says_what_to_run(tmp_path, capsys):
     assert "make demo" in error and "convstack train" in error
 
 
-@pytest.mark.parametrize(
-    ("overhead", "speedup", "met"),
-    [(0.4, 2.5, (True, True)), (1.2, 1.5, (False, False)), (None, None, (False, False))],
-)
-def test_goals_are_judged_against_their_targets(overhead, speedup, met):
-    ratios = {
-        "overhead_ms": {"grpc/unbatched/b1/c1": overhead},
-        "batched_over_unbatched_throughput_c32_b1": {"grpc": speedup, "rest": 1.0},
+def test_shapes_parse_and_bad_ones_name_the_item(capsys):
+    args = build_parser().parse_args(["--shapes", "1x1, 32X4"])
+    assert args.shapes == ((1, 1), (32, 4))
+    assert build_parser().parse_args([]).shapes == DEFAULT_SHAPES == ((1, 1), (1, 32), (32, 4))
+    for bad in ("1x", "0x4", "2y3"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--shapes", f"1x1,{bad}"])
+        assert repr(bad) in capsys.readouterr().err
+
+
+def _summary(rps: float, p50: float = 1.0, p99: float = 2.0) -> dict:
+    def figure(value):
+        return {"median": value, "min": value, "max": value, "n": 5}
+
+    return {"throughput": figure(rps), "latency_ms.p50": figure(p50), "latency_ms.p99": figure(p99)}
+
+
+def test_goals_judge_batching_the_peer_and_the_overhead_from_medians():
+    names = ["unbatched", "batched", "kserve", "kserve-gc-freeze"]
+    summaries = {
+        "grpc/b1/c1": {
+            "unbatched": _summary(300, p50=1.2, p99=3.0),
+            "batched": _summary(290),
+            "kserve": _summary(100),
+            "kserve-gc-freeze": _summary(150, p99=4.0),
+        },
+        "rest/b32/c4": {
+            "unbatched": _summary(100, p99=50.0),
+            "batched": _summary(160, p99=60.0),
+            "kserve": _summary(10),
+            "kserve-gc-freeze": _summary(100, p99=55.0),
+        },
     }
-    goals = evaluate_goals(ratios)
-    assert goals["grpc_batch1_p50_overhead_ms"]["measured"] == overhead
-    assert goals["grpc_batching_throughput_speedup_c32_b1"]["measured"] == speedup
-    assert (
-        goals["grpc_batch1_p50_overhead_ms"]["met"],
-        goals["grpc_batching_throughput_speedup_c32_b1"]["met"],
-    ) == met
+    floor = {"1": {"latency_ms": {"p50": 0.5}}}
+    goals = evaluate_goals(summaries, floor, names)
+    assert goals["batching_not_slower/grpc/b1/c1"]["met"] is False
+    assert goals["batching_not_slower/rest/b32/c4"]["measured"] == pytest.approx(1.6)
+    ahead = goals["ahead_of_kserve_gc_freeze/grpc/b1/c1"]
+    assert (ahead["variant"], ahead["measured"], ahead["met"]) == ("unbatched", 2.0, True)
+    # 1.6x with the batched server, but its p99 is above the peer's: not met.
+    ahead = goals["ahead_of_kserve_gc_freeze/rest/b32/c4"]
+    assert (ahead["variant"], ahead["measured"], ahead["met"]) == ("batched", 1.6, False)
+    overhead = goals["grpc_batch1_p50_overhead_ms"]
+    assert overhead["measured"] == pytest.approx(0.7) and overhead["met"] is True
+    assert not any(key.startswith("ahead") for key in evaluate_goals(
+        {"grpc/b1/c1": {"unbatched": _summary(1)}}, {}, ["unbatched"]
+    ))  # fmt: skip
 
 
 def test_both_servers_get_the_same_thread_flags_default_one_each(tmp_path):
@@ -77,17 +102,18 @@ def test_reported_threads_come_from_the_server_log():
 
 
 @pytest.mark.slow
-def test_short_run_writes_every_measurement_ratio_and_goal(tmp_path, capsys):
+def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     make_model_dir(tmp_path / "models")
     out = tmp_path / "results" / "serve.json"
     argv = ["--model-base", str(tmp_path / "models"), "--model-name", "tiny"]
     threads = ["--server-intra-op-threads", "2", "--server-inter-op-threads", "1"]
-    code = bench_main([*argv, *threads, "--duration", "0.2", "--out", str(out)])
+    short = ["--duration", "0.2", "--rounds", "2", "--shapes", "1x1,4x2"]
+    code = bench_main([*argv, *threads, *short, "--out", str(out)])
 
     assert code == 0
     report = json.loads(out.read_text())
     assert report["model"] == {"base": str(tmp_path / "models"), "name": "tiny", "version": 1}
-    assert {"cpus", "python", "tensorflow", "note"} <= set(report["machine"])
+    assert {"cpus", "python", "tensorflow", "note", "before", "after"} <= set(report["machine"])
     assert {kind: s["exit_code"] for kind, s in report["servers"].items()} == {
         "unbatched": 0,
         "batched": 0,
@@ -96,29 +122,30 @@ def test_short_run_writes_every_measurement_ratio_and_goal(tmp_path, capsys):
     assert report["tensorflow_threads"]["servers"] == {"intra_op": 2, "inter_op": 1}
     for server in report["servers"].values():
         assert server["tensorflow_threads_reported"] == {"intra_op": 2, "inter_op": 1}
-    assert set(report["floor"]) == {str(batch) for batch in BATCH_SIZES}
-    for floor in report["floor"].values():
-        assert floor["calls"] > 0 and floor["latency_ms"]["p50"] > 0
+    assert set(report["floor"]) == {"1", "4"}
 
-    measurements = {entry["key"]: entry for entry in report["measurements"]}
-    assert set(measurements) == EXPECTED_KEYS
-    for entry in measurements.values():
-        assert entry["ok"] == entry["requests"] > 0 and entry["errors"] == {}
-        assert entry["images_per_second"] == pytest.approx(entry["throughput"] * entry["batch"])
-        assert entry["latency_ms"]["p50"] <= entry["latency_ms"]["p99"]
-        assert entry["cpu_percent"]["client"] > 0
-
-    ratios = report["ratios"]
-    assert set(ratios["p50_over_floor"]) == set(ratios["overhead_ms"]) == EXPECTED_KEYS
-    assert all(value > 0 for value in ratios["p50_over_floor"].values())
-    assert set(ratios["batched_over_unbatched_throughput_c32_b1"]) == set(PROTOCOLS)
-    assert set(report["goals"]) == {
-        "grpc_batch1_p50_overhead_ms",
-        "grpc_batching_throughput_speedup_c32_b1",
-    }
-    assert all(isinstance(goal["met"], bool) for goal in report["goals"].values())
-
+    keys = {shape_key(p, b, c) for p, (b, c) in itertools.product(PROTOCOLS, [(1, 1), (4, 2)])}
+    assert set(report["rounds_by_shape"]) == set(report["summary"]) == keys
+    for key, records in report["rounds_by_shape"].items():
+        # Two rounds of both servers, interleaved with the order rotated.
+        assert [(r["round"], r["variant"]) for r in records] == [
+            (0, "unbatched"), (0, "batched"), (1, "batched"), (1, "unbatched"),
+        ]  # fmt: skip
+        for record in records:
+            figures = record["figures"]
+            assert figures["ok"] == figures["requests"] > 0 and figures["errors"] == {}
+            assert figures["server_cpu_ms_per_request"] > 0
+            assert record["cores"]["watched"]["server"] > 0
+            assert isinstance(record["contended"], bool) and len(record["load_average"]) == 3
+        for name, summary in report["summary"][key].items():
+            rps = [r["figures"]["throughput"] for r in records if r["variant"] == name]
+            assert summary["throughput"]["min"] == min(rps)
+            assert summary["throughput"]["max"] == max(rps)
+            assert summary["rounds"] == 2
+        ratio = report["ratios"][key]["batched/unbatched"]
+        assert ratio["per_round"]["n"] == 2 and ratio["of_medians"] > 0
+    assert {"batching_not_slower/grpc/b1/c1", "grpc_batch1_p50_overhead_ms"} <= set(report["goals"])
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     printed = capsys.readouterr().out
-    assert "grpc/batched/b1/c32" in printed and "goal grpc_batch1_p50_overhead_ms" in printed
+    assert "grpc/b1/c1" in printed and "batched/unbatched" in printed
     assert "servers 2/1 (reported: unbatched 2/1, batched 2/1)" in printed
