@@ -2,9 +2,10 @@
 
 `predict` classifies PNG/JPEG files (any size, preprocessed to the model's input) or the rows of
 a .npy file, through a server (`--target`) or in-process from an exported version
-(`--saved-model DIR`, the only path that imports the TensorFlow runtime), and prints the same
-table either way. Failures (a missing file, an unreadable image, an unreachable server, a
-server error) print one line on stderr and exit 1; usage errors exit 2.
+(`--saved-model DIR`, or its Keras-native `--keras FILE`: the only paths that import the
+TensorFlow runtime), and prints the same table either way. Failures (a missing file, an
+unreadable image, an unreachable server, a server error) print one line on stderr and exit 1;
+usage errors exit 2.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def build_predict_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--saved-model", metavar="DIR", help="run in-process from this exported version instead"
     )
+    parser.add_argument(
+        "--keras",
+        metavar="FILE",
+        help="run in-process from this Keras model file instead (an exported version's "
+        "assets.extra/model.keras): keras.models.load_model, softmax and argmax of its logits",
+    )
     parser.add_argument("--signature", default="serving_default", help="(serving_default)")
     parser.add_argument("--npy", metavar="FILE", help="a .npy array of inputs instead of images")
     parser.add_argument("images", nargs="*", metavar="IMAGE", help="PNG or JPEG files")
@@ -171,12 +178,17 @@ def build_predict_parser() -> argparse.ArgumentParser:
 def _check_predict_args(parser, args) -> None:
     if bool(args.images) == bool(args.npy):
         parser.error("give IMAGE files or --npy FILE (one of them)")
-    if args.saved_model:
+    if args.saved_model and args.keras:
+        parser.error("give --saved-model DIR or --keras FILE, not both")
+    local = "--saved-model" if args.saved_model else "--keras" if args.keras else None
+    if local:
         server_only = [args.target, args.model, args.version, args.label, _tls_wanted(args)]
         if any(value not in (None, False) for value in server_only):
-            parser.error("--saved-model runs without a server: drop the server flags")
+            parser.error(f"{local} runs without a server: drop the server flags")
+        if args.keras and args.signature != "serving_default":
+            parser.error("--keras has no signatures: drop --signature")
     elif not args.model:
-        parser.error("--model is required (or --saved-model DIR)")
+        parser.error("--model is required (or --saved-model DIR, or --keras FILE)")
 
 
 def _single_input(spec, where: str):
@@ -342,6 +354,50 @@ def _predict_saved_model(args) -> tuple[list[dict], dict]:
     return _rows(names, _concatenate(pieces), version, None), source
 
 
+def _load_keras(path: str):
+    """keras.models.load_model of a .keras file, and the SignatureSpec of its one image input."""
+    if not Path(path).is_file():
+        raise _Failure(f"{path}: no such file")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with quiet_stderr():
+        import keras
+
+        try:
+            model = keras.models.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types on a bad archive
+            raise _Failure(f"{path}: cannot load the Keras model: {_one_line(str(exc))}") from None
+    from convstack.client.signature import SignatureSpec, TensorSpec
+
+    shape = tuple(-1 if dim is None else dim for dim in model.input_shape)
+    spec = SignatureSpec(
+        "keras",
+        {"images": TensorSpec("float32", shape)},
+        {"probabilities": TensorSpec("float32", (-1, -1)), "classes": TensorSpec("int64", (-1,))},
+    )
+    return model, spec
+
+
+def _predict_keras(args) -> tuple[list[dict], dict]:
+    _import_client()
+    from convstack.client.signature import prepare_inputs
+
+    model, spec = _load_keras(args.keras)
+    name, input_spec = _single_input(spec, args.keras)
+    names, array = _inputs(args, input_spec)
+    prepared = prepare_inputs(spec, {name: array})[name]
+    import tensorflow as tf
+
+    pieces = []
+    for chunk in _chunks(prepared):
+        logits = model(tf.constant(chunk), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1).numpy()
+        pieces.append({"probabilities": probabilities, "classes": probabilities.argmax(-1)})
+    # <version>/assets.extra/model.keras names its version two levels up.
+    version_name = Path(args.keras).resolve().parent.parent.name
+    version = int(version_name) if version_name.isdigit() else None
+    return _rows(names, _concatenate(pieces), version, None), {"keras": str(args.keras)}
+
+
 def _print_predictions(rows: list[dict], source: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**source, "predictions": rows}, indent=2))
@@ -366,7 +422,13 @@ def predict_main(argv: Sequence[str]) -> int:
         return int(exit_.code or 0)
 
     def action() -> int:
-        run = _predict_saved_model if args.saved_model else _predict_server
+        run = (
+            _predict_saved_model
+            if args.saved_model
+            else _predict_keras
+            if args.keras
+            else _predict_server
+        )
         rows, source = run(args)
         _print_predictions(rows, source, args.json)
         return 0

@@ -125,6 +125,35 @@ def test_saved_model_prints_the_same_table_without_a_server(server, files, capsy
     assert [float(r[2]) for r in local] == pytest.approx([float(r[2]) for r in served], abs=2e-4)
 
 
+def test_keras_file_prints_the_saved_model_table(server, files, capsys):
+    """`--keras` runs the exported assets.extra/model.keras in-process: the same classes as
+    the version's SavedModel, probabilities within the export's 1e-5."""
+    version_dir = server.base_path / "1"
+    assert predict_main(["--saved-model", str(version_dir), *files]) == 0
+    saved = _table(capsys.readouterr().out)
+
+    keras_file = version_dir / "assets.extra" / "model.keras"
+    assert predict_main(["--json", "--keras", str(keras_file), *files]) == 0
+    document = json.loads(capsys.readouterr().out)
+
+    assert document["keras"] == str(keras_file)
+    rows = document["predictions"]
+    assert [row["version"] for row in rows] == [1] * len(files)
+    assert [[row["file"], str(row["class"])] for row in rows] == [r[:2] for r in saved]
+    assert [row["probability"] for row in rows] == pytest.approx(
+        [float(r[2]) for r in saved], abs=1e-4
+    )  # the table rounds to 4 digits
+
+
+def test_keras_file_that_is_missing_or_not_one_is_exit_1(tmp_path, files, capsys):
+    assert predict_main(["--keras", str(tmp_path / "none.keras"), files[0]]) == 1
+    _one_error_line(capsys, "none.keras", "no such file")
+    bad = tmp_path / "bad.keras"
+    bad.write_bytes(b"not a zip")
+    assert predict_main(["--keras", str(bad), files[0]]) == 1
+    _one_error_line(capsys, str(bad), "cannot load the Keras model")
+
+
 def test_saved_model_json_names_the_version(server, files, capsys):
     assert predict_main(["--json", "--saved-model", str(server.base_path / "2"), files[0]]) == 0
 
@@ -201,6 +230,9 @@ def test_unreachable_server_is_one_line_on_stderr_and_exit_1(files):
         ["--model", MODEL, "--version", "1", "--label", "stable", "a.png"],
         ["a.png"],  # no model, no saved model
         ["--saved-model", "models/tiny/1", "--target", "localhost:8500", "a.png"],
+        ["--keras", "m.keras", "--model", MODEL, "a.png"],
+        ["--keras", "m.keras", "--saved-model", "models/tiny/1", "a.png"],
+        ["--keras", "m.keras", "--signature", "predict_image_bytes", "a.png"],
         ["--model", MODEL, "--version", "one", "a.png"],
         ["--model", MODEL, "--timeout", "0", "a.png"],
     ],
