@@ -231,6 +231,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="how long in-flight requests may take after SIGTERM",
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug lines, and TensorFlow's own log lines and warnings (as "
+        "CONVSTACK_LOG_LEVEL=DEBUG does)",
+    )
     return parser
 
 
@@ -422,7 +428,7 @@ def choose_backend(requested: str) -> tuple[str, str | None]:
 
 def serve_main(argv: list[str]) -> int:
     args = build_serve_parser().parse_args(argv)
-    configure_logging()
+    configure_logging(args.verbose)
     use_plain_cpu_kernels()
     try:
         backend, where = choose_backend(args.backend)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from convstack.common.configs import ConfigValueError, add_config_flags, build_config
@@ -46,12 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(underscores: learning_rate); flags given on the command line win",
     )
     add_config_flags(parser, TrainConfig)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug lines, and TensorFlow's own log lines and warnings (as "
+        "CONVSTACK_LOG_LEVEL=DEBUG does)",
+    )
     return parser
 
 
-def configure_logging() -> None:
-    shared_logging_setup()
-    logging.getLogger("absl").setLevel(logging.WARNING)  # per-batch tf.data sharding chatter
+def configure_logging(verbose: bool = False) -> None:
+    """Our lines at INFO; TensorFlow's (its C++ start-up lines, tf.distribute's per-trace INFO,
+    tf.data's sharding notes and warnings) only when verbose. See convstack.common.logs."""
+    shared_logging_setup(verbose=verbose)
 
 
 def train_main(argv: list[str]) -> int:
@@ -71,7 +77,7 @@ def _train_main(argv: list[str]) -> int:
     except ConfigValueError as exc:
         print(f"{ERROR_PREFIX} {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    configure_logging()
+    configure_logging(namespace.verbose)
     try:
         with preemption.exit_at_once("start-up", START_UP_STOP):
             from convstack.trainer.run import train  # imports TensorFlow: once config is valid

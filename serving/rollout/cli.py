@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
 from convstack.client.cli import quiet_stderr
 from convstack.common.flags import positive_number
+from convstack.common.logs import configure_logging
 
 with quiet_stderr():  # the TF Serving protos import TensorFlow, which talks on stderr
     from convstack.serving.rollout import golden
@@ -34,6 +34,7 @@ with quiet_stderr():  # the TF Serving protos import TensorFlow, which talks on 
     from convstack.serving.rollout.store import ConfigStoreError, open_store
     from convstack.serving.rollout.watch import WatchError
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -90,7 +91,16 @@ def _verb(verbs, name: str, help_text: str) -> argparse.ArgumentParser:
         default=300.0,
         help="seconds every server gets to reach each step (default 300)",
     )
-    verb.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    verb.add_argument(
+        "--log-level",
+        help="level of the rollout's log lines (default: CONVSTACK_LOG_LEVEL, else WARNING)",
+    )
+    verb.add_argument(
+        "--verbose",
+        action="store_true",
+        help="debug lines, and TensorFlow's own log lines and warnings (as "
+        "CONVSTACK_LOG_LEVEL=DEBUG does)",
+    )
     return verb
 
 
@@ -201,7 +211,7 @@ def _retire(rollout: Rollout, keep: int, delete: bool) -> int:
 
 def rollout_main(argv: Sequence[str], golden_factory: GoldenFactory = golden.golden_loader) -> int:
     args = build_parser().parse_args(list(argv))
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_level, default="WARNING", fmt=LOG_FORMAT)
     try:
         rollout = make_rollout(args, golden_factory)
         return run_verb(rollout, args)

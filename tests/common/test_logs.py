@@ -1,0 +1,118 @@
+"""What a normal run shows on stderr: our lines and real warnings, not TensorFlow's chatter; at
+DEBUG (CONVSTACK_LOG_LEVEL or --verbose) TensorFlow's lines come back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from convstack.common.logs import filter_native_lines, resolve_level
+
+# As TensorFlow 2.21 writes them at import, before absl is initialised (whatever the level).
+START_UP = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n",
+    "I0000 00:00:1796227331.530557   29809 port.cc:153] oneDNN custom operations are on.\n",
+    "I0000 00:00:1796227331.532137   29809 cudart_stub.cc:31] Could not find cuda drivers on "
+    "your machine, GPU will not be used.\n",
+    "I0000 00:00:1796227505.275074    7939 cpu_feature_guard.cc:227] This TensorFlow binary is "
+    "optimized to use available CPU instructions in performance-critical operations.\n",
+    "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow.\n",
+    "E0000 00:00:1796227338.923039   29809 cuda_platform.cc:52] failed call to cuInit: INTERNAL: "
+    "CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\n",
+]
+REAL_ERROR = "E0000 00:00:1796227340.000001   29809 op_kernel.cc:1841] OP_REQUIRES failed\n"
+WARNING_RECORD = "W0000 00:00:1796227340.000002   29809 loader.cc:12] slow load\n"
+
+
+def test_start_up_records_below_the_level_go_with_their_continuation_lines():
+    kept = filter_native_lines([*START_UP, WARNING_RECORD, REAL_ERROR, "free text\n"], 2)
+    assert kept == [REAL_ERROR, "free text\n"]  # free text after a kept record is kept
+
+
+def test_cuinit_failure_is_kept_where_a_cuda_driver_exists():
+    cuinit = START_UP[-1]
+    assert filter_native_lines([cuinit], 2) == [cuinit]
+    assert filter_native_lines([START_UP[2], cuinit], 2) == []  # no driver: it says nothing
+
+
+def test_each_tf_level_keeps_what_tensorflow_would():
+    lines = [START_UP[1], WARNING_RECORD, REAL_ERROR]
+    assert filter_native_lines(lines, 0) == lines
+    assert filter_native_lines(lines, 1) == [WARNING_RECORD, REAL_ERROR]
+    assert filter_native_lines(lines, 3) == []
+
+
+def test_level_comes_from_verbose_then_flag_then_environment(monkeypatch):
+    monkeypatch.setenv("CONVSTACK_LOG_LEVEL", "warning")
+    assert resolve_level() == ("WARNING", None)
+    assert resolve_level("error") == ("ERROR", None)
+    assert resolve_level("error", verbose=True) == ("DEBUG", None)
+    monkeypatch.setenv("CONVSTACK_LOG_LEVEL", "LOUD")
+    level, complaint = resolve_level()
+    assert level == "INFO"
+    assert (
+        complaint
+        == "CONVSTACK_LOG_LEVEL='LOUD' is not one of DEBUG, INFO, WARNING, ERROR; using INFO"
+    )
+
+
+# A process that sets logging up, then imports TensorFlow, uses a distributed dataset (the
+# tf.data warning), logs at INFO on the tensorflow logger and gives a warning of its own.
+PROGRAM = """
+import logging, warnings
+from convstack.common.logs import configure_logging
+configure_logging()
+logging.getLogger("convstack.x").info("our line")
+import tensorflow as tf
+tf.get_logger().info("tensorflow INFO line")
+strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+dataset = tf.data.Dataset.range(4).batch(2)
+@tf.function
+def first(d):
+    d.options()
+    return 0
+first(dataset)
+warnings.warn("a warning of ours", UserWarning)
+logging.getLogger("convstack.x").info("done")
+"""
+
+
+def _run(env_extra: dict[str, str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env.pop("CONVSTACK_LOG_LEVEL", None)
+    result = subprocess.run(
+        [sys.executable, "-c", PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, **env_extra},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_a_normal_run_shows_our_lines_and_real_warnings_only():
+    stderr = _run({})
+    lines = stderr.splitlines()
+    assert "our line" in lines[0] and "done" in lines[-1]
+    assert "UserWarning: a warning of ours" in stderr
+    for noise in (
+        "absl::InitializeLog",
+        "I0000",
+        "cuInit",
+        "tensorflow INFO line",
+        "tf.data options",
+    ):
+        assert noise not in stderr
+    assert len(lines) == 3, stderr  # our two lines and the warning (no source line for -c)
+
+
+@pytest.mark.slow
+def test_debug_brings_tensorflow_back():
+    stderr = _run({"CONVSTACK_LOG_LEVEL": "DEBUG"})
+    assert "I0000" in stderr and "tensorflow INFO line" in stderr
+    assert "tf.data options" in stderr
