@@ -100,25 +100,82 @@ class EpochProgress:
             self._bar.close()
 
 
-def save_learning_curves(history: list[EpochRecord], path: Path) -> None:
-    """Loss and accuracy per epoch, train vs validation, as a PNG."""
+def sibling_histories(run_dir: Path) -> dict[str, list[EpochRecord]]:
+    """The other runs beside `run_dir` (directories of the same parent with a history.json),
+    by label: the directory's name, and the version it exported when it did."""
+    run_dir = Path(run_dir).resolve()
+    runs = {}
+    for history_path in sorted(run_dir.parent.glob("*/history.json")):
+        other = history_path.parent
+        if other == run_dir:
+            continue
+        try:
+            history = load_history(history_path, completed_epochs=10**9)
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("learning curves: %s left out (%s)", history_path, exc)
+            continue
+        runs[_run_label(other)] = history
+    return runs
+
+
+def _run_label(run_dir: Path) -> str:
+    from convstack.trainer.export_record import read_record
+
+    record = read_record(run_dir)
+    version = record.version if record is not None else None
+    return f"{run_dir.name} (version {version})" if version else run_dir.name
+
+
+def save_learning_curves(
+    history: list[EpochRecord], path: Path, others: dict[str, list[EpochRecord]] | None = None
+) -> None:
+    """Loss and accuracy per epoch, train (solid) and validation (dashed), as a PNG in the run
+    directory; `others` (by default the runs beside it, see sibling_histories) are drawn in
+    their own colours, so a second run shows against the first."""
+    path = Path(path)
+    others = sibling_histories(path.parent) if others is None else others
+    figure = learning_curves_figure({**others, f"{path.parent.name} (this run)": history})
+    from matplotlib import pyplot as plt  # after learning_curves_figure chose the backend
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def learning_curves_figure(runs: dict[str, list[EpochRecord]]):
+    """The figure of save_learning_curves: a colour per run, loss (log scale) and accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    epochs = [r.epoch for r in history]
-    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [r.loss for r in history], marker="o", label="train")
-    loss_axis.plot(epochs, [r.val_loss for r in history], marker="o", label="validation")
-    loss_axis.set(title="loss", xlabel="epoch")
-    accuracy_axis.plot(epochs, [r.accuracy for r in history], marker="o", label="train")
-    accuracy_axis.plot(epochs, [r.val_accuracy for r in history], marker="o", label="validation")
-    accuracy_axis.set(title="accuracy", xlabel="epoch", ylim=(0, 1.0))
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for index, (label, records) in enumerate(runs.items()):
+        color = f"C{index % 10}"
+        epochs = [r.epoch for r in records]
+        for axis, train, validation in (
+            (loss_axis, [r.loss for r in records], [r.val_loss for r in records]),
+            (accuracy_axis, [r.accuracy for r in records], [r.val_accuracy for r in records]),
+        ):
+            axis.plot(epochs, train, color=color, marker=".", label=f"{label}: train")
+            axis.plot(epochs, validation, color=color, linestyle="--", marker=".",
+                      label=f"{label}: validation")  # fmt: skip
+    loss_axis.set(title="loss", xlabel="epoch", yscale="log")
+    accuracy_axis.set(title="accuracy", xlabel="epoch", ylim=(accuracy_floor(runs.values()), 1.0))
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
-        axis.legend()
+    accuracy_axis.legend(fontsize="small", loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
+
+
+def accuracy_floor(runs) -> float:
+    """Where the accuracy axis starts: just under the lowest accuracy after the first
+    quarter of each run, so that runs a point apart stay apart on the picture."""
+    values = [
+        value
+        for records in runs
+        for r in records[len(records) // 4 :]
+        for value in (r.accuracy, r.val_accuracy)
+    ]
+    return max(0.0, min(values, default=0.0) - 0.02)
