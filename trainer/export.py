@@ -285,6 +285,8 @@ def _write_and_verify(
     verify each against the in-memory model or the reloaded SavedModel."""
     signatures.write_saved_model(model, directory)
     records = warmup.build_warmup_records(model_name, test_images)
+    if tflite is not None:
+        records = _tflite_servable_records(records)
     warmup.write_warmup_records(directory / warmup.WARMUP_FILE, records)
 
     loaded = tf.saved_model.load(str(directory))
@@ -315,6 +317,21 @@ def _write_and_verify(
         card = model_card.with_tflite(card, section)
     model_card.write_model_card(directory, card)
     return card
+
+
+def _tflite_servable_records(records: list) -> list:
+    """The warmup records a TFLite version can run: `serving_default` only.
+
+    TF Serving replays the same warmup file for a version served from model.tflite
+    (saved_model_bundle_source_adapter.cc), and a record naming a signature the servable lacks
+    fails the load; the TFLite model has no `predict_image_bytes` (no image decoding in TFLite's
+    builtin ops). The SavedModel then warms up serving_default only.
+    """
+    return [
+        record
+        for record in records
+        if record.predict_log.request.model_spec.signature_name == signatures.SERVING_DEFAULT
+    ]
 
 
 _AT_FDCWD = -100

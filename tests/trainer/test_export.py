@@ -133,6 +133,16 @@ def test_warmup_file_holds_valid_requests_for_both_signatures(repo):
     }
 
 
+def test_a_version_with_tflite_warms_up_only_what_the_tflite_model_serves(repo):
+    """With --prefer_tflite_model TF Serving replays the warmup file on model.tflite, which has
+    no predict_image_bytes: a record for it would fail the load."""
+    _, first, _ = repo
+    records = warmup.read_warmup_records(first.path / warmup.WARMUP_FILE)
+
+    assert {r.predict_log.request.model_spec.signature_name for r in records} == {"serving_default"}
+    assert len(records) == len(warmup.IMAGES_BATCH_SIZES)
+
+
 def test_explicit_new_version_is_used_and_parent_is_the_highest_existing(model, tmp_path):
     (tmp_path / "tiny" / "3").mkdir(parents=True)
 
