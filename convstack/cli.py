@@ -48,6 +48,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "bench_main",
         "the client's import time and installed size vs tensorflow-serving-api",
     ),
+    "bench infer": (
+        "convstack.bench.infer",
+        "bench_main",
+        "in-process inference: SavedModel, XLA, TFLite, Keras; batch 1 and 32",
+    ),
     "bench serve": (
         "convstack.bench.serve",
         "bench_main",
@@ -71,6 +76,7 @@ EXTRAS: dict[str, str] = {
     "train": "training",
     "data": "training",
     "bench train": "training",
+    "bench infer": "serving",
     "serve": "serving",
     "models-config": "serving",
     "bench serve": "serving",
