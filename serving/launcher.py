@@ -14,7 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TFSERVING_IMAGE = "tensorflow/serving:2.19.1"  # pinned: the newest published tag we tested flags on
+TFSERVING_IMAGE = "tensorflow/serving:2.20.0"  # pinned: the newest published tag we tested flags on
 BINARY_NAME = "tensorflow_model_server"
 BINARY_ENV = "CONVSTACK_TFSERVING_BINARY"
 

@@ -151,7 +151,7 @@ def test_gpu_overlays_ask_for_gpus_and_tolerate_gpu_taints(rendered, name):
     gpu = name in GPU_OVERLAYS
     serving_image = serving_container(objects)["image"]
     assert serving_image == (
-        "tensorflow/serving:2.19.1-gpu" if gpu else "tensorflow/serving:2.19.1"
+        "tensorflow/serving:2.20.0-gpu" if gpu else "tensorflow/serving:2.20.0"
     )
     for workload in workloads(objects):
         # The rollout Job runs on CPU (with the overlay's build of the trainer image).
