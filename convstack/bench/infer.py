@@ -169,8 +169,15 @@ class Variant:
     one batch of images); `classify(images)` gives int64 classes for the accuracy."""
 
     def __init__(
-        self, name: str, description: str, classify: Callable, prepare: Callable, keep=None
+        self,
+        name: str,
+        description: str,
+        classify: Callable,
+        prepare: Callable,
+        keep=None,
+        size_bytes: int | None = None,
     ):
+        self.size_bytes = size_bytes
         self.name = name
         self.description = description
         self.classify = classify
@@ -305,6 +312,7 @@ def _tflite_variants(kind: str, buffer: bytes, pool_size: int) -> list[Variant]:
             f"TFLite {kind}, one tf.lite.Interpreter allocated for the batch",
             classify,
             lambda batch: _tflite_single(buffer, batch),
+            size_bytes=len(buffer),
         ),
         Variant(
             f"tflite_{kind}_pool",
@@ -312,6 +320,7 @@ def _tflite_variants(kind: str, buffer: bytes, pool_size: int) -> list[Variant]:
             "threads at once",
             classify,
             pool,
+            size_bytes=len(buffer),
         ),
     ]
 
@@ -584,7 +593,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "tflite": card.get("tflite"),
         },
         "variants": {
-            name: {"description": variants[name].description, **accuracy[name]} for name in names
+            name: {
+                "description": variants[name].description,
+                "size_bytes": variants[name].size_bytes,
+                **accuracy[name],
+            }
+            for name in names
         },
         "results": results,
         "goal": evaluate_goal(results, accuracy),
@@ -657,13 +671,15 @@ def write_plot(report: dict, path: Path) -> Path:
         axis.invert_yaxis()
         axis.set_xlabel(f"images/s relative to {REFERENCE} (log; min-max of rounds)")
         axis.set_title(f"batch {batch}", fontsize=10)
-        for row, value in zip(rows, medians, strict=True):
-            axis.annotate(f"{value:.2f}x", (value, row), xytext=(4, 0),
+        axis.margins(x=0.15)  # room for the value labels
+        for row, value, top in zip(rows, medians, medians + high, strict=True):
+            axis.annotate(f"{value:.2f}x", (max(value, top), row), xytext=(4, 0),
                           textcoords="offset points", va="center", fontsize=7)  # fmt: skip
     machine = report["machine"]
     figure.suptitle(
         f"convstack bench infer: {report['version_dir']}, {report['settings']['rounds']} rounds, "
-        f"{machine['cpus']} CPUs, load {machine['load_average']}",
+        f"{machine['cpus']} CPUs, load average at start "
+        f"{', '.join(f'{v:.1f}' for v in machine['load_average'] or [])}",
         fontsize=9,
     )
     figure.tight_layout()
