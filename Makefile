@@ -14,7 +14,7 @@ MODELS_CONFIG := models.config
 TARGET ?= localhost:8500
 
 .PHONY: setup demo train serve rollout predict test lint format bench bench-train bench-serve \
-	bench-peer k8s-render protos clean
+	bench-infer bench-peer k8s-render protos clean
 
 # (Re)install only when the venv is missing or pyproject.toml changed.
 setup: $(STAMP)
@@ -76,7 +76,7 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-train bench-serve
+bench: bench-train bench-serve bench-infer
 
 bench-train: setup
 	$(CONVSTACK) bench train --out bench-results/train.json
@@ -94,6 +94,15 @@ bench-peer: setup
 		--model-base $(BENCH_MODELS) --model-name digits --run-dir build/bench/runs/digits
 	$(CONVSTACK) bench serve --peer kserve --model-base $(BENCH_MODELS) --model-name digits \
 		--out bench-results/serve-peer.json
+
+# Every in-process inference path of one version (SavedModel, XLA, TFLite, Keras); trains its
+# own digits version with an int8 model.tflite once (about 2 minutes in all).
+bench-infer: setup
+	test -d build/bench-infer/models/digits/1 || $(CONVSTACK) train --data digits --epochs 10 \
+		--tflite int8 --model-base build/bench-infer/models --model-name digits \
+		--run-dir build/bench-infer/runs/digits --progress log
+	$(CONVSTACK) bench infer --model-base build/bench-infer/models --model-name digits \
+		--out bench-results/infer.json
 
 # Render and validate every Kustomize overlay into build/k8s/OVERLAY.yaml.
 k8s-render: setup
