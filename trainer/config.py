@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelConfig(BaseModel):
-    """The Conv2D stack: `conv_blocks` x (Conv2D -> [BatchNorm] -> ReLU -> MaxPool) -> Dense."""
+    """The Conv2D stack: [random shift] -> `conv_blocks` x (Conv2D -> [BatchNorm] -> ReLU ->
+    MaxPool) -> Dense."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -24,6 +25,13 @@ class ModelConfig(BaseModel):
     batch_norm: bool = Field(False, description="batch normalisation after each convolution")
     weight_decay: float = Field(
         0.0, ge=0.0, description="L2 regularisation on kernels (regularisation losses)"
+    )
+    random_shift: float = Field(
+        0.0,
+        ge=0.0,
+        lt=0.5,
+        description="augmentation in training: shift each image by up to this fraction of its "
+        "height and width (0.125: up to 3.5 of 28 pixels); inactive at inference",
     )
 
 

@@ -34,6 +34,10 @@ def build_model(
     """
     images = keras.Input(shape=image_shape, name="images")
     x = images
+    if config.random_shift:  # active only in training calls: served models see the image as is
+        x = keras.layers.RandomTranslation(
+            config.random_shift, config.random_shift, fill_mode="constant", name="random_shift"
+        )(x)
     for index in range(config.conv_blocks):
         x = _conv_block(x, config.filters * 2 ** min(index, 1), config, index)
     x = keras.layers.Flatten(name="flatten")(x)
@@ -49,10 +53,15 @@ def build_model(
 
 def rng_states(model: keras.Model) -> dict[str, keras.Variable]:
     """The random state of the model's layers, by layer name: the Keras SeedGenerator state
-    each Dropout draws its masks from. It advances every training step, so a checkpoint must
-    hold it for a resumed run to draw the masks the uninterrupted run would have drawn."""
-    return {
-        layer.name: layer.seed_generator.state
+    each Dropout draws its masks from, and the random shift its offsets. It advances every
+    training step, so a checkpoint must hold it for a resumed run to draw the masks (and
+    shifts) the uninterrupted run would have drawn."""
+    generators = {
+        layer.name: getattr(layer, "seed_generator", None) or getattr(layer, "generator", None)
         for layer in model.layers
-        if isinstance(getattr(layer, "seed_generator", None), keras.random.SeedGenerator)
+    }  # Dropout's is `seed_generator`, the random preprocessing layers' `generator`
+    return {
+        name: generator.state
+        for name, generator in generators.items()
+        if isinstance(generator, keras.random.SeedGenerator)
     }
