@@ -1,17 +1,21 @@
 """`convstack bench train`: our custom loop against Keras `model.fit` on the same data, model,
-strategy and global batch, and 1 vs 2 replicas. A benchmark, not a test: it reports, never fails
-on a number."""
+strategy and global batch, at each replica count and steps per call (1 and --steps-per-execution).
+
+Every variant is built and warmed up once, then timed in `--rounds` interleaved rounds of
+`--steps` steps (convstack/bench/rounds.py: machine load and own CPU per round, contended rounds
+flagged), reported as median and min-max with ratios round by round. A benchmark, not a test:
+it reports, never fails on a number."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from convstack.bench import rounds
 from convstack.common.files import write_json_atomic
 from convstack.common.flags import positive_int
 
@@ -26,7 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="digits", help="dataset URI (default: digits)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     parser.add_argument(
-        "--steps", type=positive_int, default=120, help="timed steps per measurement"
+        "--steps", type=positive_int, default=200, help="timed steps per round (default 200)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=5, help="rounds of every variant (default 5)"
+    )
+    parser.add_argument(
+        "--reruns", type=int, default=0, help="measure a contended round again (default 0)"
+    )
+    parser.add_argument(
+        "--contended-cores",
+        type=float,
+        default=rounds.DEFAULT_CONTENDED_CORES,
+        help="other work above this many cores flags a round",
     )
     parser.add_argument(
         "--steps-per-execution",
@@ -45,31 +61,46 @@ def _strategy(replicas: int):
     return tf.distribute.MirroredStrategy(devices=[f"/cpu:{i}" for i in range(replicas)])
 
 
-def _custom_loop_images_per_second(strategy_setup, config, dataset, steps: int) -> float:
+def _batches(dataset, config):
     from convstack.trainer import pipeline
+
+    return pipeline.training_batches(
+        dataset, global_batch_size=config.batch_size, seed=config.seed, epoch=0
+    ).repeat()
+
+
+def _custom_loop(strategy_setup, config, dataset) -> Callable[[int], float]:
+    """The custom loop built and warmed up; the returned call times `steps` steps (seconds)."""
     from convstack.trainer.loop import DistributedTrainer
 
     trainer = DistributedTrainer(
         strategy_setup, config, dataset.info.image_shape, dataset.info.num_classes
     )
-    batches = pipeline.training_batches(
-        dataset, global_batch_size=config.batch_size, seed=config.seed, epoch=0
-    ).repeat()
-    iterator = iter(strategy_setup.strategy.experimental_distribute_dataset(batches))
+    iterator = iter(
+        strategy_setup.strategy.experimental_distribute_dataset(_batches(dataset, config))
+    )
     trainer.train_steps(iterator, config.steps_per_execution)  # compile and warm up
-    started = time.perf_counter()
-    done = 0
-    while done < steps:
-        chunk = min(config.steps_per_execution, steps - done)
-        trainer.train_steps(iterator, chunk)
-        done += chunk
-    return steps * config.batch_size / (time.perf_counter() - started)
+    trainer.train_totals()  # wait for it
+
+    def timed(steps: int) -> float:
+        started = time.perf_counter()
+        done = 0
+        while done < steps:
+            chunk = min(config.steps_per_execution, steps - done)
+            trainer.train_steps(iterator, chunk)
+            done += chunk
+        trainer.train_totals()  # the steps are asynchronous: wait for the last one
+        return time.perf_counter() - started
+
+    return timed
 
 
-def _fit_images_per_second(strategy_setup, config, dataset, steps: int) -> float:
+def _fit(strategy_setup, config, dataset) -> Callable[[int], float]:
+    """model.fit on the same model, data and strategy, warmed up by one short epoch; the
+    returned call runs one epoch of `steps` steps and returns its seconds (epoch callbacks, so
+    fit's per-call setup of the data iterator is not counted)."""
     import keras
 
-    from convstack.trainer import pipeline
     from convstack.trainer.model import build_model
 
     with strategy_setup.strategy.scope():
@@ -83,17 +114,27 @@ def _fit_images_per_second(strategy_setup, config, dataset, steps: int) -> float
         # Same Keras 3 pitfall as the custom loop: unbuilt optimizer slots inside the
         # distributed step fail with "You must feed a value for placeholder tensor".
         model.optimizer.build(model.trainable_variables)
-    batches = pipeline.training_batches(
-        dataset, global_batch_size=config.batch_size, seed=config.seed, epoch=0
-    ).repeat()
-    epoch_seconds: list[float] = []
+    batches = _batches(dataset, config)
+    marks: list[float] = []
     timer = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: epoch_seconds.append(time.perf_counter()),
-        on_epoch_end=lambda epoch, logs: epoch_seconds.append(time.perf_counter()),
+        on_epoch_begin=lambda epoch, logs: marks.append(time.perf_counter()),
+        on_epoch_end=lambda epoch, logs: marks.append(time.perf_counter()),
     )
-    # Epoch 1 compiles and warms up; epoch 2 is timed.
-    model.fit(batches, steps_per_epoch=steps, epochs=2, verbose=0, callbacks=[timer])
-    return steps * config.batch_size / (epoch_seconds[3] - epoch_seconds[2])
+    model.fit(batches, steps_per_epoch=2 * config.steps_per_execution, epochs=1, verbose=0)
+
+    def timed(steps: int) -> float:
+        marks.clear()
+        model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+        return marks[1] - marks[0]
+
+    return timed
+
+
+LOOPS = {"custom": _custom_loop, "fit": _fit}
+
+
+def variant_name(loop: str, replicas: int, steps_per_execution: int) -> str:
+    return f"{loop}/r{replicas}/spe{steps_per_execution}"
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -104,7 +145,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     replica_counts = sorted({int(r) for r in args.replicas.split(",")})
     configure_cpu_replicas(max(replica_counts))
     dataset = load_dataset(args.data)
-    results = []
+    machine_before = rounds.machine_state()
+    variants, setup_errors, described = {}, [], {}
     for steps_per_execution in sorted({1, args.steps_per_execution}):
         config = TrainConfig(
             data=args.data, batch_size=args.batch_size, steps_per_execution=steps_per_execution
@@ -115,35 +157,61 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             setup = StrategySetup(
                 strategy, "MirroredStrategy", replicas, WorkerRole(), devices, False
             )
-            for loop, measure in LOOPS.items():
-                results.append(_measure(loop, measure, setup, config, dataset, args.steps))
+            for loop, build in LOOPS.items():
+                name = variant_name(loop, replicas, steps_per_execution)
+                described[name] = {
+                    "loop": loop,
+                    "replicas": replicas,
+                    "steps_per_execution": steps_per_execution,
+                }
+                try:
+                    timed = build(setup, config, dataset)
+                    timed(steps_per_execution)  # a first timed call, not counted
+                except Exception as exc:  # a loop that cannot run this setting is a result
+                    error = f"{type(exc).__name__}: {_root_cause(str(exc))}"
+                    log.warning("%s failed: %s", name, error)
+                    setup_errors.append({**described[name], "error": error})
+                    continue
+                variants[name] = _measurement(timed, args.steps, config.batch_size)
+    records = rounds.run_rounds(
+        variants,
+        args.rounds,
+        contended_cores=args.contended_cores,
+        reruns=args.reruns,
+        on_round=lambda r: log.info(
+            "%s round %d: %.0f images/s%s",
+            r["variant"],
+            r["round"],
+            r["figures"]["images_per_second"],
+            " (contended)" if r["contended"] else "",
+        ),
+    )
+    summary = {
+        name: {**described[name], **rounds.summarize(records, name, ["images_per_second"])}
+        for name in variants
+    }
     return {
         "benchmark": "train",
         "data": args.data,
         "global_batch_size": args.batch_size,
         "timed_steps": args.steps,
-        "machine": {"cpus": _cpu_count(), "python": platform.python_version()},
-        "results": results,
-        "ratios": _ratios(results),
+        "rounds": args.rounds,
+        "contended_cores": args.contended_cores,
+        "machine": {"python": platform.python_version()}
+        | {"before": machine_before, "after": rounds.machine_state()},
+        "errors": setup_errors,
+        "summary": summary,
+        "ratios": _ratios(records, described, variants),
+        "rounds_by_variant": records,
     }
 
 
-LOOPS = {"custom": _custom_loop_images_per_second, "fit": _fit_images_per_second}
+def _measurement(timed: Callable[[int], float], steps: int, batch_size: int):
+    def measure() -> dict:
+        seconds = timed(steps)
+        return {"seconds": seconds, "images_per_second": steps * batch_size / seconds}
 
-
-def _measure(loop, measure, setup, config, dataset, steps) -> dict:
-    entry = {
-        "loop": loop,
-        "replicas": setup.num_replicas,
-        "steps_per_execution": config.steps_per_execution,
-    }
-    try:
-        entry["images_per_second"] = round(measure(setup, config, dataset, steps), 1)
-        log.info("%s: %.0f images/s", entry, entry["images_per_second"])
-    except Exception as exc:  # a loop that cannot run this setting is a result, not a crash
-        entry["error"] = f"{type(exc).__name__}: {_root_cause(str(exc))}"
-        log.warning("%s failed: %s", entry, entry["error"])
-    return entry
+    return measure
 
 
 def _cpu_count() -> int:
@@ -159,27 +227,57 @@ def _root_cause(message: str) -> str:
     return (causes or lines or ["(no message)"])[0][:300]
 
 
-def _ratios(results: list[dict]) -> dict:
+def _ratios(records: list[dict], described: dict, measured) -> dict:
     """custom/fit at each (replicas, steps per execution) where both ran, and the speed-up
-    from the fewest to the most replicas for each loop."""
-    speed = {
-        (r["loop"], r["replicas"], r["steps_per_execution"]): r["images_per_second"]
-        for r in results
-        if "images_per_second" in r
-    }
+    from the fewest to the most replicas for each loop: round by round and of the medians."""
     ratios = {}
-    for (loop, replicas, spe), value in sorted(speed.items()):
-        if loop == "custom" and ("fit", replicas, spe) in speed:
-            key = f"custom_over_fit_{replicas}_replicas_spe{spe}"
-            ratios[key] = round(value / speed["fit", replicas, spe], 3)
-    for loop, _, spe in sorted({(k[0], 0, k[2]) for k in speed}):
-        counts = sorted(r for (lp, r, s) in speed if lp == loop and s == spe)
-        if len(counts) > 1:
-            low, high = counts[0], counts[-1]
-            ratios[f"{loop}_{high}_over_{low}_replicas_spe{spe}"] = round(
-                speed[loop, high, spe] / speed[loop, low, spe], 3
+    for name in measured:
+        info = described[name]
+        if info["loop"] != "custom":
+            continue
+        fit = variant_name("fit", info["replicas"], info["steps_per_execution"])
+        if fit in measured:
+            key = f"custom_over_fit_{info['replicas']}_replicas_spe{info['steps_per_execution']}"
+            ratios[key] = rounds.paired_ratio(records, name, fit, "images_per_second")
+    for loop in LOOPS:
+        for spe in sorted({d["steps_per_execution"] for d in described.values()}):
+            counts = sorted(
+                d["replicas"]
+                for n, d in described.items()
+                if n in measured and d["loop"] == loop and d["steps_per_execution"] == spe
             )
+            if len(counts) > 1:
+                low, high = counts[0], counts[-1]
+                ratios[f"{loop}_{high}_over_{low}_replicas_spe{spe}"] = rounds.paired_ratio(
+                    records,
+                    variant_name(loop, high, spe),
+                    variant_name(loop, low, spe),
+                    "images_per_second",
+                )
     return ratios
+
+
+def summary_text(report: dict) -> str:
+    """One line per variant (median [min-max] images/s), the errors, then the ratios."""
+    lines = [f"{'variant':<20}{'images/s median [min-max]':>30}{'contended':>11}"]
+    for name, summary in report["summary"].items():
+        figure = summary["images_per_second"]
+        lines.append(
+            f"{name:<20}{figure['median']:>14.0f} [{figure['min']:.0f}-{figure['max']:.0f}]"
+            f"{summary['contended_rounds']:>8}/{summary['rounds']}"
+        )
+    for error in report["errors"]:
+        lines.append(
+            f"{variant_name(error['loop'], error['replicas'], error['steps_per_execution'])}: "
+            f"{error['error']}"
+        )
+    for key, ratio in report["ratios"].items():
+        rounds_range = ratio["per_round"]
+        lines.append(
+            f"{key}: {ratio['of_medians']:.2f}x (per round {rounds_range['min']:.2f}-"
+            f"{rounds_range['max']:.2f})"
+        )
+    return "\n".join(lines)
 
 
 def bench_main(argv: list[str]) -> int:
@@ -190,6 +288,6 @@ def bench_main(argv: list[str]) -> int:
     report = run_benchmark(args)
     out = Path(args.out)
     write_json_atomic(out, report, sort_keys=False)
-    json.dump(report, sys.stdout, indent=2)
+    print(summary_text(report))
     print(f"\nsaved {out}")
     return 0
