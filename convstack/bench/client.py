@@ -92,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--duration", type=positive_number, help="seconds of load (default 10)")
     stop.add_argument("--count", type=positive_int, help="requests to send")
     parser.add_argument("--timeout", type=positive_number, default=30.0, help="seconds per request")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=5,
+        help="repeat the load this many times (each --duration or --count); the report gives "
+        "the median round, the spread and every round with the machine's load (default 5)",
+    )
+    parser.add_argument(
+        "--rest-format",
+        choices=("columnar", "row"),
+        default="columnar",
+        help="REST body: columnar {'inputs': ...} or TF Serving's row format {'instances': ...}, "
+        "which KServe's v1 protocol also reads (default columnar)",
+    )
     parser.add_argument("--latency-calls", type=positive_int, default=50, help="per client")
     parser.add_argument("--no-tf-comparison", action="store_true", help="skip tf.make_* timing")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results ({DEFAULT_OUT})")
@@ -380,11 +394,34 @@ def _load(args, inputs: dict) -> LoadResult:
             duration=args.duration,
             count=args.count,
             timeout=args.timeout,
+            rest_format=args.rest_format,
         )
     except ValueError as error:
         raise _Usage(str(error)) from None
     log.info("load: %s", spec)
     return run_load_sync(spec)
+
+
+def _load_rounds(args, inputs: dict) -> tuple[dict, dict]:
+    """The load `args.rounds` times (convstack/bench/rounds.py: machine and own CPU around
+    each): the median round by throughput, and the rounds with their spread."""
+    from convstack.bench import rounds
+
+    records = rounds.run_rounds(
+        {"load": lambda: _load(args, inputs).to_json()},
+        args.rounds,
+        on_round=lambda r: log.info(
+            "round %d: %.1f/s%s",
+            r["round"],
+            r["figures"]["throughput"],
+            " (contended)" if r["contended"] else "",
+        ),
+    )
+    keys = ["throughput", "latency_ms.p50", "latency_ms.p99"]
+    summary = rounds.summarize(records, "load", keys)
+    ordered = sorted(records, key=lambda r: r["figures"]["throughput"])
+    median = ordered[(len(ordered) - 1) // 2]["figures"]
+    return median, {"summary": summary, "rounds": records, "machine": rounds.machine_state()}
 
 
 def run(args) -> dict:
@@ -393,7 +430,7 @@ def run(args) -> dict:
     fetch = _grpc_signature if args.protocol == "grpc" else _rest_signature
     spec, metadata_error = fetch(args)
     inputs, outputs = _inputs_and_outputs(args, spec, metadata_error)
-    load = _load(args, inputs)
+    load, load_rounds = _load_rounds(args, inputs)
     report = {
         "target": args.target,
         "protocol": args.protocol,
@@ -404,7 +441,8 @@ def run(args) -> dict:
         "batch_size": args.batch_size,
         "mode": "open" if args.rate else "closed",
         "metadata_error": metadata_error,
-        "load": load.to_json(),
+        "load": load,
+        "load_rounds": load_rounds,
         "codec": measure_codec(
             inputs, outputs, tensorflow=not args.no_tf_comparison and _tensorflow_installed()
         ),
@@ -420,6 +458,22 @@ def _number(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _rounds_line(summary: dict) -> str:
+    def spread(key: str, digits: int) -> str:
+        figure = summary[key]
+        if figure["median"] is None:
+            return "-"
+        return (
+            f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}-{figure['max']:.{digits}f}]"
+        )
+
+    return (
+        f"over the rounds, median [min-max]: throughput/s {spread('throughput', 1)}, p50 ms "
+        f"{spread('latency_ms.p50', 2)}, p99 ms {spread('latency_ms.p99', 2)}; "
+        f"{summary['contended_rounds']} of {summary['rounds']} rounds had other work on the cores"
+    )
+
+
 def format_report(report: dict) -> str:
     """The report as perf_analyzer-style tables."""
     load = report["load"]
@@ -427,7 +481,9 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['model']} at {report['target']} ({report['protocol']}, batch "
         f"{report['batch_size']}, {loop} loop): {load['requests']} requests, {load['ok']} OK "
-        f"in {load['seconds']:.2f} s, {load['late']} late",
+        f"in {load['seconds']:.2f} s, {load['late']} late (the median of "
+        f"{report['load_rounds']['summary']['rounds']} rounds)",
+        _rounds_line(report["load_rounds"]["summary"]),
         "",
     ]
     latency = load["latency_ms"]

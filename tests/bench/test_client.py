@@ -40,6 +40,18 @@ def test_grpc_run_sends_count_requests_all_ok(grpc_report):
     assert grpc_report["batch_size"] == 4 and grpc_report["mode"] == "closed"
 
 
+def test_the_load_is_repeated_in_rounds_each_with_the_machines_load(grpc_report):
+    rounds = grpc_report["load_rounds"]
+    assert [r["round"] for r in rounds["rounds"]] == [0, 1, 2, 3, 4]  # the default five
+    rates = sorted(r["figures"]["throughput"] for r in rounds["rounds"])
+    assert grpc_report["load"]["throughput"] == rates[2]  # the median round
+    summary = rounds["summary"]
+    assert summary["throughput"]["min"] == rates[0] and summary["throughput"]["max"] == rates[-1]
+    for record in rounds["rounds"]:
+        assert record["figures"]["requests"] == 12 and len(record["load_average"]) == 3
+        assert record["cores"]["own"] > 0 and isinstance(record["contended"], bool)
+
+
 def test_codec_compares_client_and_tensorflow_on_request_shaped_arrays(grpc_report):
     codec = grpc_report["codec"]
     assert codec["shapes"]["inputs"] == {"images": [4, 28, 28, 1]}
@@ -78,6 +90,14 @@ def test_rest_run_shapes_inputs_from_rest_metadata(server, tmp_path):
     assert (report["load"]["requests"], report["load"]["ok"]) == (12, 12)
     assert report["codec"]["shapes"]["inputs"] == {"images": [1, 28, 28, 1]}
     assert "skipped" in report["added_latency"]
+
+
+def test_rest_row_format_is_sent_when_asked(server, tmp_path):
+    target = f"http://127.0.0.1:{server.rest_port}"
+    flags = ["--target", target, "--protocol", "rest", "--model", MODEL, "--rest-format", "row"]
+    report = _run(tmp_path / "row.json", *flags, *FAST, "--rounds", "1", "--no-tf-comparison")
+    assert (report["load"]["requests"], report["load"]["ok"]) == (12, 12)
+    assert len(report["load_rounds"]["rounds"]) == 1
 
 
 def test_wrong_model_completes_with_not_found_errors(server, tmp_path):
