@@ -138,13 +138,34 @@ def serving_signature_def(buffer: bytes) -> meta_graph_pb2.SignatureDef:
     return signature
 
 
+class _ByteStringBuilder(flexbuffers.Builder):
+    """A flexbuffers Builder that writes raw bytes as a flexbuffer *string*.
+
+    TF Serving reads each SignatureDef with `.AsString()` (signature_def_util.cc), which gives
+    "" for a blob, and a serialized proto is not UTF-8, which `Builder.String` requires; the
+    layout is the same as String's (size, bytes, a trailing zero), so this reuses its writer.
+    """
+
+    def byte_string(self, value: bytes) -> None:
+        self._WriteBlob(value, append_zero=True, type_=flexbuffers.Type.STRING)
+
+
+def signature_defs_payload(signature_defs: dict[str, meta_graph_pb2.SignatureDef]) -> bytes:
+    """The flexbuffer map TF Serving's `signature_defs_metadata` holds: key -> the serialized
+    SignatureDef as a flexbuffer string."""
+    builder = _ByteStringBuilder()
+    with builder.Map():
+        for key, signature in sorted(signature_defs.items()):
+            builder.Key(key)
+            builder.byte_string(signature.SerializeToString())
+    return bytes(builder.Finish())
+
+
 def with_signature_defs(buffer: bytes, signature_defs: dict[str, meta_graph_pb2.SignatureDef]):
     """`buffer` with `signature_defs` stored as TF Serving reads them: metadata
     `signature_defs_metadata`, a flexbuffer map of serialized SignatureDefs by key."""
     model = flatbuffer_utils.convert_bytearray_to_object(bytearray(buffer))
-    payload = flexbuffers.Dumps(
-        {key: value.SerializeToString() for key, value in signature_defs.items()}
-    )
+    payload = signature_defs_payload(signature_defs)
     entry = tflite_schema.BufferT()
     entry.data = np.frombuffer(bytes(payload), np.uint8)
     model.buffers.append(entry)

@@ -385,6 +385,27 @@ def test_tflite_file_carries_the_saved_model_signature_for_tf_serving(repo):
     assert card_signature["outputs"]["probabilities"]["shape"] == [None, 10]
 
 
+def test_signature_defs_are_stored_as_flexbuffer_strings(repo):
+    """signature_def_util.cc reads each value with AsString(), which gives "" for a blob."""
+    from flatbuffers import flexbuffers
+    from tensorflow.core.protobuf import meta_graph_pb2
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    _, first, _ = repo
+    model = schema.Model.GetRootAsModel((first.path / "model.tflite").read_bytes(), 0)
+    (metadata,) = [
+        model.Metadata(i)
+        for i in range(model.MetadataLength())
+        if model.Metadata(i).Name() == b"signature_defs_metadata"
+    ]
+    entries = flexbuffers.GetRoot(model.Buffers(metadata.Buffer()).DataAsNumpy().tobytes()).AsMap
+    assert [key.AsKey for key in entries.Keys] == ["serving_default"]
+    (value,) = entries.Values
+    assert value.IsString and not value.IsBlob
+    signature = meta_graph_pb2.SignatureDef.FromString(value.AsStringBytes)
+    assert set(signature.outputs) == {"probabilities", "classes"}
+
+
 def test_unknown_tflite_kind_is_refused_before_anything_is_written(model, tmp_path):
     with pytest.raises(ExportError, match="tflite must be None or one of float32, float16, int8"):
         export.export_version(model, **helpers.export_kwargs(tmp_path), tflite="int4")
