@@ -1,5 +1,5 @@
-"""The trainer's container file and the kind CI workflow agree with the manifests and the
-project (no Docker engine or CI runner here: they are checked by reading them)."""
+"""The container files and the kind CI workflow agree with the manifests and the project, read
+(tests/containers builds and runs the images for real)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from tests.k8s.manifests import all_containers, by_kind, container, one, pod_spe
 ROOT = Path(render.__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "k8s" / "trainer.Dockerfile"
 DOCKERIGNORE = ROOT / "k8s" / "trainer.Dockerfile.dockerignore"
+SERVING_DOCKERFILE = ROOT / "k8s" / "serving.Dockerfile"
 WORKFLOW = ROOT / ".github" / "workflows" / "kind-e2e.yml"
 
 
@@ -39,6 +40,11 @@ def dockerfile() -> list[tuple[str, str]]:
     return instructions(DOCKERFILE.read_text())
 
 
+@pytest.fixture(scope="module", params=["trainer", "serving"])
+def any_dockerfile(request) -> list[tuple[str, str]]:
+    return instructions((ROOT / "k8s" / f"{request.param}.Dockerfile").read_text())
+
+
 def stages(parsed: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     result: list[list[tuple[str, str]]] = []
     for instruction, arguments in parsed:
@@ -50,20 +56,20 @@ def stages(parsed: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
 
 
 def base_images(parsed: list[tuple[str, str]]) -> list[str]:
-    """Each stage's FROM image with global ARG defaults substituted."""
-    defaults = {}
+    """Each stage's FROM image with global ARG defaults substituted (a default may name an
+    earlier ARG)."""
+    defaults: dict[str, str] = {}
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], text)
+
     for instruction, arguments in parsed:
         if instruction == "FROM":
             break
         if instruction == "ARG" and "=" in arguments:
             name, value = arguments.split("=", 1)
-            defaults[name] = value
-    images = []
-    for instruction, arguments in parsed:
-        if instruction == "FROM":
-            image = arguments.split()[0]
-            images.append(re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], image))
-    return images
+            defaults[name] = substitute(value)
+    return [substitute(a.split()[0]) for i, a in parsed if i == "FROM"]
 
 
 def pyproject() -> dict:
@@ -79,11 +85,11 @@ def _tensorflow_pins() -> set[str]:
     return {d for deps in lists for d in deps if re.match(r"tensorflow[<>=!~ ;]", d)}
 
 
-def test_base_image_is_a_pinned_tensorflow_release_matching_the_project(dockerfile):
+def test_base_image_is_a_pinned_tensorflow_release_matching_the_project(any_dockerfile):
     pins = _tensorflow_pins()
     assert len(pins) == 1, f"the extras pin TensorFlow differently: {sorted(pins)}"
     minor = re.search(r">=(\d+\.\d+)", pins.pop()).group(1)
-    for image in base_images(dockerfile):
+    for image in base_images(any_dockerfile):
         repository, _, tag = image.partition(":")
         assert repository == "tensorflow/tensorflow"
         assert re.fullmatch(rf"{re.escape(minor)}\.\d+", tag), f"{image} is not a {minor}.x release"
@@ -91,9 +97,32 @@ def test_base_image_is_a_pinned_tensorflow_release_matching_the_project(dockerfi
 
 def test_image_installs_the_wheel_with_every_extra(dockerfile):
     runs = [arguments for instruction, arguments in stages(dockerfile)[-1] if instruction == "RUN"]
-    installs = [run for run in runs if "pip install" in run]
+    installs = [run for run in runs if "pip install" in run and "/wheels/" in run]
     assert len(installs) == 1
     assert '/wheels/*.whl)[all]"' in installs[0]  # the wheel alone is only the client
+
+
+def test_base_image_is_a_build_argument(any_dockerfile):
+    """So the image builds on any base with Python and that TensorFlow (the container tests
+    build one offline); without the argument, the default is TensorFlow's image."""
+    assert {a.split()[0] for i, a in any_dockerfile if i == "FROM"} == {"${BASE_IMAGE}"}
+    assert not any(i == "FROM" and "tensorflow/" in a for i, a in any_dockerfile)
+
+
+def test_no_syntax_directive_that_would_pull_a_frontend_image():
+    for path in (DOCKERFILE, SERVING_DOCKERFILE):
+        assert not re.search(r"^#\s*syntax\s*=", path.read_text(), re.MULTILINE | re.IGNORECASE)
+
+
+def test_serving_image_runs_the_embedded_server_as_the_serving_pods_user(rendered):
+    parsed = instructions(SERVING_DOCKERFILE.read_text())
+    final = stages(parsed)[-1]
+    assert json.loads([a for i, a in final if i == "ENTRYPOINT"][-1])[:2] == ["convstack", "serve"]
+    uid, _, gid = [a for i, a in final if i == "USER"][-1].partition(":")
+    context = pod_spec(one(rendered["local"], "Deployment", "convstack-serving"))["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"]) == (int(uid), int(gid))
+    installs = [a for i, a in final if i == "RUN" and "pip install" in a and "/wheels/" in a]
+    assert len(installs) == 1 and '/wheels/*.whl)[serving]"' in installs[0]
 
 
 def test_image_runs_as_the_non_root_user_the_pods_use(dockerfile, rendered):
@@ -170,3 +199,24 @@ def test_workflow_loads_the_images_the_local_overlay_runs(workflow, rendered):
     assert workflow["env"]["SERVING_IMAGE"] == serving_image
     assert trainer_images == {workflow["env"]["TRAINER_IMAGE"]}
     assert "kind load docker-image" in workflow_commands(workflow)
+
+
+def test_requirements_layer_lists_what_the_extras_need(any_dockerfile):
+    """The list the images install before the wheel: the extra's requirements with the
+    `convstack[...]` self-references expanded, and the base install's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("requirements", ROOT / "k8s" / "requirements.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    project = pyproject()["project"]
+    listed = module.requirements(project, "all")
+    assert not any(r.startswith("convstack") for r in listed)
+    expected = set(project["dependencies"])
+    for name in ("images", "training", "serving", "k8s"):
+        expected |= set(project["optional-dependencies"][name])
+    assert set(listed) == expected
+    runs = " ".join(a for i, a in any_dockerfile if i == "RUN")
+    assert re.search(
+        r"requirements\.py /src/pyproject\.toml (all|serving) > /requirements\.txt", runs
+    )
