@@ -579,6 +579,11 @@ def _task_rows(inputs: Mapping[str, np.ndarray]) -> int:
     return rows
 
 
+# A batch run on the loop's thread (see BatchScheduler's `outstanding`) has at most this many
+# input elements, so it holds the loop for a few milliseconds at most with a small model.
+_INLINE_MAX = 1 << 15
+
+
 class BatchScheduler:
     """TF Serving's shared batch scheduler on an asyncio loop: one queue per key, batches run
     with `run` in `executor` threads, at most `num_batch_threads` at a time across all keys.
@@ -594,8 +599,13 @@ class BatchScheduler:
         *,
         executor: concurrent.futures.Executor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        outstanding: Callable[[], int] | None = None,
     ) -> None:
         self._params = params
+        # How many requests are inside the server (the caller's count). When every one of them
+        # already waits in a queue, no other task can join the open batch before its timeout:
+        # it runs at once, on the loop's thread when nothing else runs, instead of waiting.
+        self._outstanding = outstanding
         self._owns_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=params.num_batch_threads, thread_name_prefix=params.thread_pool_name
@@ -686,24 +696,37 @@ class BatchScheduler:
         self._dispatch_handle = None
         now = time.monotonic()
         while self._running < self._params.num_batch_threads:
-            picked = self._pick_batch(now)
+            lonely = self._nobody_else_can_join()
+            picked = self._pick_batch(now, lonely)
             if picked is None:
                 break
-            self._launch(*picked, now)
+            self._launch(*picked, now, inline=lonely and self._running == 0)
         self._arm_timer(now)
         self._check_drained()
 
-    def _pick_batch(self, now: float) -> tuple[Hashable, _Batch] | None:
+    def _nobody_else_can_join(self) -> bool:
+        """Whether every request in the server is already queued here (see `outstanding`)."""
+        if self._outstanding is None:
+            return False
+        queued = {
+            id(piece.request)
+            for queue in self._queues.values()
+            for batch in queue.batches
+            for piece in batch.pieces
+        }
+        return bool(queued) and self._outstanding() <= len(queued)
+
+    def _pick_batch(self, now: float, lonely: bool = False) -> tuple[Hashable, _Batch] | None:
         keys = list(self._queues)
         for offset in range(len(keys)):
             position = (self._next_queue + offset) % len(keys)
-            batch = self._queues[keys[position]].take(now, flush=self._closing)
+            batch = self._queues[keys[position]].take(now, flush=self._closing or lonely)
             if batch is not None:
                 self._next_queue = position + 1
                 return keys[position], batch
         return None
 
-    def _launch(self, key: Hashable, batch: _Batch, now: float) -> None:
+    def _launch(self, key: Hashable, batch: _Batch, now: float, inline: bool = False) -> None:
         pieces = [piece for piece in batch.pieces if self._admit(piece, now)]
         if not pieces:
             self._forget_if_idle(key)
@@ -712,6 +735,19 @@ class BatchScheduler:
         queue.running += 1
         self._running += 1
         delays = [now - piece.request.enqueued for piece in pieces]
+        small = sum(np.size(v) for piece in pieces for v in piece.inputs.values()) <= _INLINE_MAX
+        if inline and small:  # the only work in the server: no hand-off to a thread and back
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            done.set_result(
+                _execute_batch(
+                    pieces[0].request.run,
+                    [piece.inputs for piece in pieces],
+                    [piece.size for piece in pieces],
+                    self._params,
+                )
+            )
+            self._batch_done(key, queue, pieces, delays, done)
+            return
         # Straight to a batch thread (no Task, no wrapped asyncio future): the batch starts now,
         # not an event-loop iteration later, and comes back with one call_soon_threadsafe.
         try:

@@ -94,6 +94,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="seconds between re-reads of --model_config_file; 0 never (default 0)",
     )
     parser.switch("enable_batching", help="server-side batching")
+    parser.switch(
+        "run_lone_batches_at_once",
+        help="with batching, a batch runs at once when every request in the server is already "
+        "in it (no other could join it before batch_timeout_micros), on the event loop's thread "
+        "if it is small; not in TF Serving, which always waits for the timeout (default false)",
+    )
     parser.flag(
         "batching_parameters_file",
         metavar="PATH",
@@ -393,6 +399,7 @@ def server_options(args):
         num_tflite_pools=args.num_tflite_pools,
         num_tflite_interpreters_per_pool=args.num_tflite_interpreters_per_pool,
         max_concurrent_requests=args.max_concurrent_requests,
+        run_lone_batches_at_once=args.run_lone_batches_at_once,
         request_threads=args.request_threads,
         tensorflow_threads=tensorflow_threads_from_args(args),
         rest_timeout_seconds=args.rest_api_timeout_in_ms / 1000,

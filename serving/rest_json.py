@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
@@ -422,8 +423,15 @@ def _too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> int | None:
     if text.count("[") + text.count("{") <= limit:
         return None
     data = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    return _depth_beyond(data, "\\" in text, limit)
+
+
+def _depth_beyond(data: np.ndarray, backslashes: bool, limit: int) -> int | None:
+    """`_too_deep` over code units: UTF-32 characters, or UTF-8 bytes (whose multi-byte
+    sequences never hold an ASCII byte, so quotes and brackets are found alike; the position
+    is then a byte offset)."""
     quotes = np.flatnonzero(data == 34)
-    if len(quotes) and "\\" in text:
+    if len(quotes) and backslashes:
         escaped = quotes[(quotes > 0) & (data[np.maximum(quotes - 1, 0)] == 92)]
         drop = []
         for position in escaped.tolist():
@@ -466,7 +474,71 @@ def _check_surrogates(text: str, skipped: int) -> None:
         raise _parse_error(_SURROGATE, text, pending_high[0], skipped)
 
 
+# The fast path: orjson parses most bodies several times faster than the stdlib decoder with
+# the rapidjson number hooks. It refuses on its own everything those rules treat specially
+# (NaN and Infinity tokens, numbers beyond double's range, content after the root value, a BOM,
+# unpaired surrogates, control characters, nesting beyond 1024), and it reads integers as
+# rapidjson does (int64/uint64, else a double). What it would accept where rapidjson refuses is
+# screened on the bytes first (`_needs_exact_parse`); such bodies, and every body it refuses,
+# take the exact parser, which gives TF Serving's value or error.
+# A whole part this long may reach the double range where rapidjson stops (DBL_MAX / 10).
+_LONG_DIGIT_RUN = 300
+
+
+def _needs_exact_parse(raw: bytes) -> bool:
+    """Whether a body could hold what orjson accepts and rapidjson refuses: nesting beyond
+    MAX_JSON_DEPTH, a positive exponent of three digits or more ("0e400" is 0.0 for orjson,
+    too big for rapidjson), or a run of digits long enough to overflow its integer reading."""
+    if _big_exponent(raw):
+        return True
+    if len(raw) >= _LONG_DIGIT_RUN:
+        data = np.frombuffer(raw, dtype=np.uint8)
+        others = np.flatnonzero((data - np.uint8(48)) > 9)  # positions of non-digits
+        if len(others) == 0 or np.diff(others).max(initial=0) > _LONG_DIGIT_RUN:
+            return True
+        if others[0] >= _LONG_DIGIT_RUN or len(raw) - 1 - others[-1] >= _LONG_DIGIT_RUN:
+            return True
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        data = np.frombuffer(raw, dtype=np.uint8)
+        return _depth_beyond(data, b"\\" in raw, MAX_JSON_DEPTH) is not None
+    return False
+
+
+def _big_exponent(raw: bytes) -> bool:
+    """Whether some number has a positive exponent of three digits or more (or an `e` that
+    may be one): a scan with bytes.find, the e's being few in most bodies."""
+    for letter in (b"e", b"E"):
+        position = raw.find(letter)
+        while position != -1:
+            if position > 0 and raw[position - 1] in _DIGIT_BYTES:
+                after = raw[position + 1 : position + 5]
+                if after[:1] == b"+":
+                    after = after[1:]
+                if len(after) >= 3 and all(byte in _DIGIT_BYTES for byte in after[:3]):
+                    return True
+            position = raw.find(letter, position + 1)
+    return False
+
+
+_DIGIT_BYTES = frozenset(b"0123456789")
+_NOT_PARSED = object()
+
+
+def _fast_parse(raw: bytes):
+    """The document as orjson reads it, or _NOT_PARSED when the exact parser must decide."""
+    if _needs_exact_parse(raw):
+        return _NOT_PARSED
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _NOT_PARSED
+
+
 def _parse_json(body: bytes | str):
+    if isinstance(body, bytes) and body:
+        document = _fast_parse(body)
+        if document is not _NOT_PARSED:
+            return document
     if not body:
         raise RestFormatError("JSON Parse error: The document is empty")
     if isinstance(body, bytes):

@@ -114,6 +114,7 @@ class ServerOptions:
     num_tflite_pools: int = 1
     num_tflite_interpreters_per_pool: int = 1
     max_concurrent_requests: int = 1024
+    run_lone_batches_at_once: bool = False  # not TF Serving's: see serving/batching.py
     request_threads: int = 4
     tensorflow_threads: TensorFlowThreads = field(default_factory=TensorFlowThreads)
     rest_timeout_seconds: float = 30.0
@@ -150,6 +151,7 @@ class EmbeddedServer:
             request_threads=options.request_threads,
             max_concurrent_requests=options.max_concurrent_requests,
             signature_method_name_check=options.signature_method_name_check,
+            run_lone_batches_at_once=options.run_lone_batches_at_once,
         )
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None

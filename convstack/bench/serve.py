@@ -56,6 +56,8 @@ BATCHING_PARAMETERS = {
     "max_enqueued_batches": 64,
 }
 SERVER_KINDS = {"unbatched": False, "batched": True}
+# Our servers (the goals compare the fastest of them with the peer).
+OURS = ("unbatched", "batched", "tflite")
 PEERS = ("kserve",)
 PEER_KINDS = {"kserve": False, "kserve-gc-freeze": True}  # kind: gc.freeze() after loading
 # Both servers get the same TensorFlow thread pools, so the comparison stays fair. One thread
@@ -163,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-batched", action="store_true", help="leave out convstack's batching server"
     )
     parser.add_argument(
+        "--no-tflite",
+        action="store_true",
+        help="leave out convstack serving <version>/model.tflite (--prefer_tflite_model)",
+    )
+    parser.add_argument(
         "--server-intra-op-threads",
         type=thread_count,
         default=DEFAULT_SERVER_INTRA_OP_THREADS,
@@ -259,7 +266,9 @@ def server_flags(kind: str, workdir: Path, threads: dict[str, int]) -> list[str]
     ]
     if SERVER_KINDS[kind]:
         path = write_batching_parameters(workdir / "batching.config", BATCHING_PARAMETERS)
+        # A lone request runs at once instead of waiting 2 ms for others that cannot come.
         flags += ["--enable_batching", f"--batching_parameters_file={path}"]
+        flags += ["--run_lone_batches_at_once"]
     return flags
 
 
@@ -280,6 +289,11 @@ class Variant:
     server: object  # ServerProcess or peer.PeerProcess
     grpc_protocol: str  # "grpc" (TF Serving's Predict) or "grpc-v2" (ModelInfer)
     flags: list[str]
+    input_names: dict[str, str] | None = None  # the signature's input -> this server's name
+
+    def inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = self.input_names or {}
+        return {names.get(name, name): value for name, value in inputs.items()}
 
     def target(self, protocol: str) -> str:
         return self.server.rest_target if protocol == "rest" else self.server.grpc_target
@@ -299,6 +313,8 @@ def start_variants(args, model_dir: Path, version_dir: Path, workdir: Path) -> l
             flags = server_flags(kind, workdir, threads)
             server = ServerProcess.start(args.model_name, model_dir, workdir / f"{kind}.log", flags)
             started.append(Variant(kind, server, "grpc", flags))
+        if not args.no_tflite:
+            started.append(_start_tflite(args, version_dir, workdir, threads))
         if args.peer == "kserve":
             started += _start_kserve(args, version_dir, workdir, threads)
         for variant in started:
@@ -307,6 +323,55 @@ def start_variants(args, model_dir: Path, version_dir: Path, workdir: Path) -> l
         stop_variants(started)
         raise
     return started
+
+
+def tflite_model_base(version_dir: Path, workdir: Path) -> Path:
+    """A model base whose version has `model.tflite`: the version's own directory when it has
+    one (`convstack train --tflite`), else a copy in `workdir` (links to the version's files
+    but its warm-up requests) with `serving_default` converted by tf.lite.TFLiteConverter."""
+    if (version_dir / "model.tflite").is_file():
+        return version_dir.parent
+    import tensorflow as tf
+
+    base = workdir / "tflite-models" / version_dir.parent.name
+    target = base / version_dir.name
+    target.mkdir(parents=True)
+    for item in version_dir.iterdir():
+        # Not assets.extra: its warm-up requests name the SavedModel's inputs, which the
+        # converted model (without signature metadata) names differently.
+        if item.name != "assets.extra":
+            (target / item.name).symlink_to(item.resolve())
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(version_dir), signature_keys=[SIGNATURE]
+    )
+    (target / "model.tflite").write_bytes(converter.convert())
+    return base
+
+
+def _tflite_input_names(version_dir: Path, model_name: str) -> dict[str, str]:
+    """The SavedModel's input name -> the TFLite signature's (without signature metadata the
+    converter names it after the graph tensor, e.g. serving_default_images)."""
+    from convstack.serving.servable import load_version
+    from convstack.serving.tflite import load_tflite_version
+
+    version = int(version_dir.name)
+    ours = list(load_version(model_name, version, version_dir).signature(SIGNATURE).inputs)
+    served = list(
+        load_tflite_version(model_name, version, version_dir, 1).signature(SIGNATURE).inputs
+    )
+    if set(ours) == set(served):
+        return {}
+    if len(ours) == len(served) == 1:
+        return {ours[0]: served[0]}
+    raise BenchError(f"the TFLite model's inputs {served} do not match the SavedModel's {ours}")
+
+
+def _start_tflite(args, version_dir: Path, workdir: Path, threads) -> Variant:
+    base = tflite_model_base(version_dir, workdir)
+    flags = [*server_flags("unbatched", workdir, threads), "--prefer_tflite_model"]
+    server = ServerProcess.start(args.model_name, base, workdir / "tflite.log", flags)
+    names = _tflite_input_names(base / version_dir.name, args.model_name)
+    return Variant("tflite", server, "grpc", flags, names)
 
 
 def _start_kserve(args, version_dir: Path, workdir: Path, threads) -> list[Variant]:
@@ -361,7 +426,7 @@ def _load_once(variant: Variant, protocol: str, args, inputs, concurrency: int):
         target=variant.target(protocol),
         protocol=variant.wire_protocol(protocol),
         model_name=args.model_name,
-        inputs=inputs,
+        inputs=variant.inputs(inputs),
         concurrency=concurrency,
         duration=args.duration,
         warmup_requests=WARMUP_REQUESTS,
@@ -440,7 +505,7 @@ def summarize_shapes(records_by_shape: dict[str, list[dict]], names: list[str]) 
 
 
 def _ours(names: list[str]) -> list[str]:
-    return [name for name in names if name in SERVER_KINDS]
+    return [name for name in names if name in OURS]
 
 
 def compute_ratios(records_by_shape: dict[str, list[dict]], names: list[str]) -> dict:

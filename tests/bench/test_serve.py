@@ -107,7 +107,7 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     out = tmp_path / "results" / "serve.json"
     argv = ["--model-base", str(tmp_path / "models"), "--model-name", "tiny"]
     threads = ["--server-intra-op-threads", "2", "--server-inter-op-threads", "1"]
-    short = ["--duration", "0.2", "--rounds", "2", "--shapes", "1x1,4x2"]
+    short = ["--duration", "0.2", "--rounds", "2", "--shapes", "1x1,4x2", "--no-tflite"]
     code = bench_main([*argv, *threads, *short, "--out", str(out)])
 
     assert code == 0

@@ -681,3 +681,54 @@ def test_inputs_with_different_row_counts_are_invalid():
         await scheduler.close()
 
     run_async(main())
+
+
+# --- nobody else can join: the open batch runs at once --------------------------------------
+
+
+class ThreadRecorder(Model):
+    def __init__(self):
+        super().__init__()
+        self.threads: list[threading.Thread] = []
+
+    def __call__(self, inputs):
+        self.threads.append(threading.current_thread())
+        return super().__call__(inputs)
+
+
+def test_a_lone_request_runs_at_once_on_the_loops_thread_instead_of_waiting_the_timeout():
+    """With `outstanding` telling that the server holds only this request, no other task can
+    join before the (here 10 s) timeout: the batch runs at once, without a thread hand-off."""
+    model = ThreadRecorder()
+
+    async def main():
+        scheduler = BatchScheduler(params(max_batch_size=8), outstanding=lambda: 1)
+        result = await asyncio.wait_for(scheduler.submit("k", rows(3), model), 5)
+        await scheduler.close()
+        return result
+
+    assert_doubled(run_async(main()), 3)
+    assert model.sizes == [1]
+    assert model.threads == [threading.main_thread()]
+
+
+def test_a_request_others_may_join_still_waits_for_them():
+    """Two requests in the server, one queued: the batch waits (for the timeout or the other
+    task); once the other is queued too, nobody else can join and both run in one batch."""
+    model = ThreadRecorder()
+    inside = {"count": 2}
+
+    async def main():
+        scheduler = BatchScheduler(params(max_batch_size=8), outstanding=lambda: inside["count"])
+        first = asyncio.create_task(scheduler.submit("k", rows(1), model))
+        await asyncio.sleep(0.2)
+        assert not first.done() and model.sizes == []
+        second = asyncio.create_task(scheduler.submit("k", rows(2), model))
+        results = await asyncio.wait_for(asyncio.gather(first, second), 5)
+        await scheduler.close()
+        return results
+
+    first, second = run_async(main())
+    assert_doubled(first, 1)
+    assert_doubled(second, 2)
+    assert model.sizes == [2]

@@ -838,3 +838,69 @@ def test_metadata_json_matches_tf_serving(signature_defs):
     )
     assert parsed == signature_map
     assert json_format.ParseDict(result["model_spec"], model_pb2.ModelSpec()) == response.model_spec
+
+
+# --- the orjson fast path for bytes bodies ----------------------------------------------------
+
+DBL_MAX_DIGITS = str(int(np.finfo(np.float64).max))  # 309 digits, refused by rapidjson
+TRICKY_BODIES = [
+    '{"instances": [[1.5, 2.25], [3, 4]]}',
+    '{"instances": [0e400]}',
+    '{"instances": [0.0e+400]}',
+    '{"instances": [1E308, 1e-400, 1e+99, 2e-05]}',
+    '{"instances": [1e999]}',
+    '{"instances": [' + DBL_MAX_DIGITS + "]}",
+    '{"instances": [' + "1" * 309 + "]}",
+    '{"instances": [' + "9" * 400 + ".5]}",
+    '{"instances": [18446744073709551615, 18446744073709551616, -9223372036854775809]}',
+    '{"instances": [NaN, Infinity, -Infinity]}',
+    '{"instances": [1]} trailing',
+    '\ufeff{"instances": [2]}',
+    '{"instances": [1], "s": "\\ud800"}',
+    '{"instances": [1], "s": "\\udc00"}',
+    '{"instances": [1], "s": "\\ud83d\\ude00 e500 1e500"}',
+    '{"instances": [1], "s": "a\tb"}',
+    '{"instances": [1], "instances": [2]}',
+    '{"instances": [' + "[" * (MAX_JSON_DEPTH + 2) + "1" + "]" * (MAX_JSON_DEPTH + 2) + "]}",
+    '  {"inputs": {"images": [[1, 2]]}, "signature_name": "serving_default"}  ',
+    '{"instances": [1,}',
+    "[1, 2]",
+]
+
+
+def _outcome(body, specs):
+    try:
+        signature, inputs, form = parse_predict_body(body, specs)
+    except (RestFormatError, RestUnimplementedError) as error:
+        return ("error", error.message)
+    return (signature, form, {k: (v.dtype, v.tolist()) for k, v in inputs.items()})
+
+
+@pytest.mark.parametrize("body", TRICKY_BODIES, ids=range(len(TRICKY_BODIES)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_bytes_bodies_parse_as_the_exact_rapidjson_path_does(body, dtype):
+    """Bytes bodies (what the server gets) may take orjson; str bodies always take the exact
+    parser: the value or the error must be the same, including where the two JSON readers
+    disagree (0e400, DBL_MAX written out, NaN, trailing content, BOM, surrogates, depth)."""
+    specs = {"images": (dtype, None)}
+    fast = _outcome(body.encode("utf-8", "surrogatepass"), specs)
+    exact = _outcome(body, specs)
+    if fast[0] != "error" and any(np.isnan(v).any() for _, v in [fast[2]["images"]]):
+        assert str(fast) == str(exact)  # NaN != NaN
+    else:
+        assert fast == exact
+
+
+def test_a_plain_numeric_body_is_parsed_by_orjson_not_the_stdlib(monkeypatch):
+    from convstack.serving import rest_json
+
+    class Refuse:
+        def raw_decode(self, *args):
+            raise AssertionError("the stdlib decoder was used")
+
+    monkeypatch.setattr(rest_json, "_DECODER", Refuse())
+    body = json.dumps({"instances": np.zeros((2, 3), np.float32).tolist()})
+    _, inputs, _ = parse_predict_body(body.encode(), {"x": (np.float32, None)})
+    assert inputs["x"].shape == (2, 3)
+    with pytest.raises(AssertionError, match="stdlib decoder"):
+        parse_predict_body(body, {"x": (np.float32, None)})
