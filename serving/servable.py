@@ -475,7 +475,7 @@ def load_version(name: str, version: int, path: Path) -> LoadedVersion:
     try:
         with graph.as_default():
             _load_meta_graph(session, path)
-            unrestored = _uninitialized_variables(session, graph)
+            unrestored = _uninitialized_variables(session, graph, meta_graph)
     except Exception as exc:
         session.close()
         raise _load_failure(exc, path) from exc
@@ -494,9 +494,47 @@ def load_version(name: str, version: int, path: Path) -> LoadedVersion:
     return LoadedVersion(name, version, path, session, meta_graph)
 
 
-def _uninitialized_variables(session: tf.compat.v1.Session, graph: tf.Graph) -> list[str]:
-    """Resource variables of the graph that the restore and the init ops left empty."""
-    handles = [op.outputs[0] for op in graph.get_operations() if op.type == "VarHandleOp"]
+def _signature_output_ops(graph: tf.Graph, meta_graph) -> list:
+    """The ops behind every signature's outputs (an init-op signature names an op, not a
+    tensor); names the graph lacks are skipped, and fail when a request asks for them."""
+    ops = []
+    for signature in meta_graph.signature_def.values():
+        for info in signature.outputs.values():
+            try:
+                element = graph.as_graph_element(info.name, allow_operation=True)
+            except (KeyError, ValueError):
+                continue
+            ops.append(getattr(element, "op", element))
+    return ops
+
+
+def _ops_signatures_read(graph: tf.Graph, meta_graph) -> set[str]:
+    """Names of the ops the signatures' outputs depend on (data and control inputs)."""
+    pending = _signature_output_ops(graph, meta_graph)
+    seen: set[str] = set()
+    while pending:
+        op = pending.pop()
+        if op.name in seen:
+            continue
+        seen.add(op.name)
+        pending.extend(tensor.op for tensor in op.inputs)
+        pending.extend(op.control_inputs)
+    return seen
+
+
+def _uninitialized_variables(
+    session: tf.compat.v1.Session, graph: tf.Graph, meta_graph
+) -> list[str]:
+    """Resource variables that a signature reads and that the restore and the init ops left
+    empty. Variables no signature reads do not count: a Keras 3 ExportArchive written under
+    MirroredStrategy keeps an unused, never-restored handle for each layer variable beside the
+    restored copy its functions capture."""
+    read = _ops_signatures_read(graph, meta_graph)
+    handles = [
+        op.outputs[0]
+        for op in graph.get_operations()
+        if op.type == "VarHandleOp" and op.name in read
+    ]
     if not handles:
         return []
     checks = [tf.raw_ops.VarIsInitializedOp(resource=handle) for handle in handles]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -374,3 +376,46 @@ def test_missing_variables_fail_the_load(tmp_path):
 
     assert caught.value.code == "NOT_FOUND"  # TensorFlow's code for the missing checkpoint
     assert str(path / "variables") in caught.value.message
+
+
+_MIRRORED_EXPORT = """
+import sys
+import numpy as np
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+
+from convstack.trainer import signatures
+
+with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    images = keras.Input(shape=(8, 8, 1))
+    x = keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(images))
+    model = keras.Model(images, keras.layers.Dense(3)(keras.layers.Dropout(0.1)(x)))
+signatures.write_saved_model(model, sys.argv[1])
+batch = np.random.default_rng(0).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+np.save(sys.argv[2], batch)
+np.save(sys.argv[3], tf.nn.softmax(model(batch, training=False)).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_a_mirrored_strategy_export_loads_without_a_variable_warning(tmp_path, caplog):
+    """A Keras 3 ExportArchive written under MirroredStrategy keeps a never-restored handle
+    for each layer variable that no signature reads; loading it warned of "5 variable(s)
+    neither restored nor initialised" though every request was answered correctly."""
+    path, batch_file, expected_file = tmp_path / "1", tmp_path / "x.npy", tmp_path / "y.npy"
+    subprocess.run(
+        [sys.executable, "-c", _MIRRORED_EXPORT, str(path), str(batch_file), str(expected_file)],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+    with caplog.at_level("WARNING", logger="convstack.serving.servable"):
+        version = load_version("mirrored", 1, path)
+    outputs = version.run("", {"images": np.load(batch_file)})
+
+    assert [r.getMessage() for r in caplog.records if "neither restored" in r.getMessage()] == []
+    np.testing.assert_allclose(outputs["probabilities"], np.load(expected_file), atol=1e-6)
