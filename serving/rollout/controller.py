@@ -101,7 +101,11 @@ class Attempt:
     action: str
     before: ModelState | None = None
     gates: list[GateResult] = field(default_factory=list)
+    goal: ModelState | None = None  # where the steps being applied end
 
+
+# The action of the config writes of a run's (or canary's) rollback after a failed gate.
+AUTO_ROLLBACK = "auto-rollback"
 
 # What stops a verb after it started; each gets a failed history record (bad input does not:
 # it is refused before anything is tried).
@@ -184,20 +188,28 @@ class Rollout:
                 )
             return rollout_plan.apply_state(config, self.model, step.state)
 
-        self._record_step(attempt.action, step, expected, "intent")
+        goal = attempt.goal or step.state
+        self._record_step(attempt.action, step, expected, "intent", goal=goal)
         crash_points.reached(crash_points.intent_recorded(where))
         try:
             update_config(self.store, edit)
         except (RolloutError, ConfigStoreError) as error:
-            self._record_step(attempt.action, step, expected, "not-written", str(error))
+            self._record_step(attempt.action, step, expected, "not-written", str(error), goal)
             raise
         crash_points.reached(crash_points.config_written(where))
-        self._record_step(attempt.action, step, expected, "written")
+        self._record_step(attempt.action, step, expected, "written", goal=goal)
 
     def _record_step(
-        self, action: str, step: Step, expected: ModelState, outcome: str, detail: str = ""
+        self,
+        action: str,
+        step: Step,
+        expected: ModelState,
+        outcome: str,
+        detail: str = "",
+        goal: ModelState | None = None,
     ) -> None:
-        """A step record; a HistoryError stops the verb before its config write."""
+        """A step record, with the state its verb's steps end at (`goal`, from which a rerun
+        finishes a verb that was killed); a HistoryError stops the verb before its write."""
         record = make_record(
             model=self.model,
             action=action,
@@ -208,6 +220,8 @@ class Rollout:
             after=step.state.as_record(),
             detail=detail,
         )
+        if goal is not None:
+            record["goal"] = goal.as_record()
         append_record(self.repository(), record)
 
     def _wait(self, state: ModelState) -> list[ReplicaView]:
@@ -223,6 +237,8 @@ class Rollout:
         """Write and wait for each step. A version failing to load (or a load step that times
         out) puts the model back as it was before and raises RolloutError."""
         current = before
+        if steps:
+            attempt.goal = steps[-1].state
         for step in steps:
             self.say(
                 f"  {step.name}: versions {sorted(step.state.versions)}, labels "
@@ -247,6 +263,7 @@ class Rollout:
 
     def _undo_load(self, loaded: ModelState, before: ModelState, attempt: Attempt) -> None:
         self.say(f"  undo: back to versions {sorted(before.versions)}")
+        attempt.goal = before
         self._write(Step("unload", before), loaded, attempt)
         self._wait(before)
 
@@ -323,7 +340,37 @@ class Rollout:
             after=intent["to"],
             detail=detail,
         )
+        if "goal" in intent:
+            record["goal"] = intent["goal"]
         append_record(self.repository(), record)
+
+    def _unfinished(self, actions: tuple[str, ...], state: ModelState) -> tuple[dict, list[Step]]:
+        """The last config write of a verb among `actions` that was killed before it finished
+        (no verb record after its step records), and the steps from `state` to the goal its
+        records name; ({}, []) when there is none. What a rerun of that verb finishes first."""
+        try:
+            records = [r for r in read_history(self.repository()) if r.get("model") == self.model]
+        except HistoryError:
+            return {}, []
+        last = records[-1] if records else {}
+        if "step" not in last or last.get("action") not in actions or "goal" not in last:
+            return {}, []
+        goal = last["goal"]
+        labels = {label: int(v) for label, v in goal["labels"].items()}
+        return last, rollout_plan.steps_to(state, labels, keep=goal["versions"])
+
+    def _finish(self, record: dict, steps: list[Step], before: ModelState) -> ModelState:
+        """Apply the steps left of the killed `record`'s verb, recorded as that verb's writes
+        (a failure on the way is recorded by the verb running now)."""
+        self.say(
+            f"the last {record['action']} stopped after its {record['step']} write; "
+            + (f"finishing its {', '.join(s.name for s in steps)} step(s)" if steps else
+               "nothing was left of it")
+        )  # fmt: skip
+        if not steps:
+            return before
+        self._preflight()
+        return self._apply(steps, before, Attempt(record["action"], before))
 
     def _preflight(self) -> None:
         """Refuse before writing anything unless every server answers (a replica that is
@@ -450,7 +497,8 @@ class Rollout:
     def _roll_back_failed(self, attempt, before, after, gates) -> Outcome:
         failed = ", ".join(gate.name for gate in gates if not gate.passed)
         self.say(f"gate failed ({failed}): rolling the canary back")
-        rolled_back = self._apply(rollout_plan.rollback(after), after, attempt)
+        # Its writes are the auto-rollback's, so that a rerun of the run finishes them.
+        rolled_back = self._apply(rollout_plan.rollback(after), after, Attempt(AUTO_ROLLBACK))
         detail = f"the {failed} gate failed; canary {after.canary} rolled back"
         return self._record(Outcome(attempt.action, False, before, rolled_back, gates, detail))
 
@@ -460,6 +508,11 @@ class Rollout:
         with self._attempt("promote") as attempt:
             before = attempt.before = self.state()
             self._close_interrupted(before)
+            record, pending = self._unfinished(("promote",), before)
+            if record:
+                after = self._finish(record, pending, before)
+                detail = "finished the promote an interrupted rollout left"
+                return self._record(Outcome("promote", True, before, after, detail=detail))
             steps = rollout_plan.promote(before)
             self._preflight()
             after = self._apply(steps, before, attempt)
@@ -474,6 +527,11 @@ class Rollout:
         with self._attempt("rollback") as attempt:
             before = attempt.before = self.state()
             self._close_interrupted(before)
+            record, pending = self._unfinished(("rollback", AUTO_ROLLBACK), before)
+            if record and (to is None or record["goal"]["labels"].get(STABLE) == to):
+                after = self._finish(record, pending, before)
+                detail = f"finished the {record['action']} an interrupted rollout left"
+                return self._record(Outcome("rollback", True, before, after, detail=detail))
             if to is not None:
                 find_version(self.repository(), to)
             steps = rollout_plan.rollback(before, to)
@@ -490,6 +548,9 @@ class Rollout:
         with self._attempt("run") as attempt:
             before = attempt.before = self.state()
             self._close_interrupted(before)
+            record, pending = self._unfinished((AUTO_ROLLBACK,), before)
+            if record and version in record["from"]["versions"]:
+                return self._finish_rejection(version, record, pending, before)
             if before.stable == version and before.canary is None:
                 return self._already_stable(version, before, attempt)
             self._preflight()  # here too, so that a refusal is recorded as the run's
@@ -510,6 +571,19 @@ class Rollout:
                     return self._roll_back_failed(attempt, outcome.before, self.state(), gates)
             promoted = self.promote()
             return Outcome("run", True, outcome.before, promoted.after, outcome.gates)
+
+    def _finish_rejection(
+        self, version: int, record: dict, pending: list[Step], before: ModelState
+    ) -> Outcome:
+        """`run VERSION` again after a run whose gates rejected VERSION was killed during its
+        automatic rollback: the rollback is finished, and the verdict stands (not ok, as the
+        run would have ended); a new attempt at VERSION is a run after this one."""
+        after = self._finish(record, pending, before)
+        detail = (
+            f"version {version} was rolled back: its gates failed in the interrupted run, "
+            "whose automatic rollback this rerun finished"
+        )
+        return self._record(Outcome("run", False, before, after, detail=detail))
 
     def _already_stable(self, version: int, before: ModelState, attempt: Attempt) -> Outcome:
         """`run VERSION` when VERSION is stable already: the goal is reached, or only the
