@@ -16,27 +16,24 @@ TARGET ?= localhost:8500
 .PHONY: setup demo train serve rollout predict test lint format bench bench-train bench-serve \
 	bench-infer bench-peer k8s-render protos clean
 
-# (Re)install only when the venv is missing or pyproject.toml changed.
+# (Re)install only when the venv is missing or pyproject.toml changed. setuptools warns on every
+# editable install that a folder named like the package may shadow it on imports: our
+# convstack/ folder is that package (pyproject's package-dir), so that one warning is off.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
+	PYTHONWARNINGS='ignore:Editable installation' $(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	cp pyproject.toml $(STAMP)
 
-# The main job: train on the bundled digits with 2 replicas, export version 1, serve it with
-# the embedded server and predict through gRPC and REST; then train version 2 and roll it out
-# (canary with gates, then stable) on two server replicas that share one models.config.
+# The main job (convstack/demo): train version 1 on the bundled digits with 2 replicas, serve it
+# with the embedded server and predict through gRPC and REST; train a better version 2 (one
+# change, named in the output) and a deliberately weak version 3; on two server replicas that
+# share one models.config, roll 2 out through canary to stable and watch the quality gate refuse 3.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(CONVSTACK) train --data digits --replicas 2 --epochs 25 \
-		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits
-	$(BIN)/python -m convstack.demo.serve --model-base $(DEMO_DIR)/models --model-name digits
-	$(CONVSTACK) train --data digits --replicas 2 --epochs 30 \
-		--model-base $(DEMO_DIR)/models --model-name digits --run-dir $(DEMO_DIR)/runs/digits-v2
-	$(BIN)/python -m convstack.demo.rollout --model-base $(DEMO_DIR)/models --model-name digits \
-		--config $(DEMO_DIR)/models.config
+	$(BIN)/python -m convstack.demo --dir $(DEMO_DIR)
 
 train: setup
 	$(CONVSTACK) train --data digits --replicas 2 --epochs $(EPOCHS) \

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convstack.common.logs import configure_logging
 from convstack.serving.process import ServerProcess
 
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-base", default="build/demo/models")
     parser.add_argument("--model-name", default="digits")
     args = parser.parse_args(argv)
+    configure_logging()  # before TensorFlow: quiet as the CLIs are
     from convstack.trainer.data import load_dataset
 
     images, labels = load_dataset("digits").arrays("test")
