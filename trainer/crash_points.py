@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "CONVSTACK_CRASH_AT"
 # The phases of a run, in order (trainer/cli.py, trainer/run.py).
@@ -46,6 +47,18 @@ def reached(point: str) -> None:
     name, _, signal_name = wanted.partition(":")
     if name == point:
         os.kill(os.getpid(), _SIGNALS.get(signal_name, signal.SIGKILL))
+        _until_noted()
+
+
+def _until_noted(bound: float = 10.0) -> None:
+    """Return once the SIGTERM just sent is noted: the preemption module's waiter thread takes
+    it a moment later, and the point's next safe point must see it, as a kubelet's would be
+    seen had it come a moment earlier."""
+    from convstack.trainer import preemption
+
+    deadline = time.monotonic() + bound
+    while not preemption.requested() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def step_point(step: int) -> str:

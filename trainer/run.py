@@ -35,7 +35,12 @@ from convstack.trainer.reporting import (
     save_history,
     save_learning_curves,
 )
-from convstack.trainer.strategy import StrategySetup, parse_tf_config, select_strategy
+from convstack.trainer.strategy import (
+    StrategySetup,
+    WorkerRole,
+    parse_tf_config,
+    select_strategy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,8 @@ def train(config: TrainConfig) -> TrainResult:
     tf_config = os.environ.get("TF_CONFIG")
     role = parse_tf_config(tf_config)
     peers = cluster.peers(tf_config, f"{role.task_type}:{role.task_index}")
-    # Bounds the start-up up to the first collectives (creating and restoring the variables),
-    # which block without end while a peer is absent.
-    deadline = cluster.startup_deadline(peers, config.cluster_wait_seconds)
-    with deadline if role.is_multi_worker else contextlib.nullcontext():
-        training = _start(config, tf_config)
     try:
+        training = _start(config, tf_config, role, peers)
         return training.execute()
     except PEER_LOST as exc:
         if not role.is_multi_worker:
@@ -83,22 +84,51 @@ def train(config: TrainConfig) -> TrainResult:
         raise cluster.PeerError(cluster.lost_peer_message(exc, peers)) from exc
 
 
-def _start(config: TrainConfig, tf_config: str | None) -> TrainingRun:
+def _start(
+    config: TrainConfig, tf_config: str | None, role: WorkerRole, peers: list[cluster.Peer]
+) -> TrainingRun:
     # The strategy comes first: splitting the CPU into replicas must precede any TF operation.
-    setup = select_strategy(config.replicas, tf_config)
-    preemption.reclaim()
+    setup = _create_strategy(config, tf_config, role, peers)
     _safe_point("strategy-created", "start-up", NOTHING_WRITTEN)
-    dataset = load_dataset(
-        config.data,
-        seed=config.seed,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-    )
-    _safe_point("data-loaded", "data loading", NOTHING_WRITTEN)
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy(mixed_precision_policy(setup.on_gpu))
-    keras.utils.set_random_seed(config.seed)  # same initial weights on every worker and rerun
-    return TrainingRun(config, setup, dataset)
+    # The rest of the start-up (its first collectives create and restore the variables) under
+    # a backstop bound: cluster.startup_deadline.
+    with (
+        cluster.startup_deadline(config.cluster_wait_seconds)
+        if role.is_multi_worker
+        else contextlib.nullcontext()
+    ):
+        dataset = load_dataset(
+            config.data,
+            seed=config.seed,
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+        )
+        _safe_point("data-loaded", "data loading", NOTHING_WRITTEN)
+        if config.mixed_precision:
+            keras.mixed_precision.set_global_policy(mixed_precision_policy(setup.on_gpu))
+        keras.utils.set_random_seed(config.seed)  # same initial weights on every worker and rerun
+        return TrainingRun(config, setup, dataset)
+
+
+def _create_strategy(
+    config: TrainConfig, tf_config: str | None, role: WorkerRole, peers: list[cluster.Peer]
+) -> StrategySetup:
+    """The strategy; with several workers, joining the cluster, bounded by
+    --cluster-wait-seconds (trainer/cluster.py)."""
+    if not role.is_multi_worker:
+        return select_strategy(config.replicas, tf_config)
+    cluster.bound_cluster_forming(tf_config, config.cluster_wait_seconds)
+    cluster.log_waiting(peers, config.cluster_wait_seconds)
+    try:
+        # TensorFlow's own C++ errors of a failed join are dropped when quiet: the one line
+        # below says what happened (cluster.joining_output).
+        with cluster.joining_output():
+            return select_strategy(config.replicas, tf_config)
+    except PEER_LOST as exc:
+        # A SIGTERM that came while TensorFlow waited (it holds the interpreter meanwhile).
+        preemption.stop_if_requested("start-up", NOTHING_WRITTEN)
+        message = cluster.not_formed_message(exc, peers, config.cluster_wait_seconds)
+        raise cluster.PeerError(message) from exc
 
 
 def _safe_point(point: str, phase: str, consequence: str) -> None:
