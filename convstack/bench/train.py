@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default="digits", help="dataset URI (default: digits)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="global batch size")
     parser.add_argument(
-        "--steps", type=positive_int, default=200, help="timed steps per round (default 200)"
+        "--steps", type=positive_int, default=100, help="timed steps per round (default 100)"
     )
     parser.add_argument(
         "--rounds", type=positive_int, default=5, help="rounds of every variant (default 5)"
