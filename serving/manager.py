@@ -26,6 +26,7 @@ from pathlib import Path
 
 from convstack.serving import model_config
 from convstack.serving.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -169,6 +170,8 @@ class ModelManager:
         with self._lock:
             if self._started:
                 raise RuntimeError("ModelManager.start() may be called only once")
+            if self._stop_event.is_set():
+                raise Cancelled("the server stopped before its models were loaded")
             labels = self._resolve_labels(self._config)
             self._started = self._running = True
             self._loader = ThreadPoolExecutor(self._num_load_threads, "model-load")
@@ -186,6 +189,8 @@ class ModelManager:
         try:
             names = self.model_names()
             self._wait_settled(names, timeout)
+            if self._stop_event.is_set():
+                raise Cancelled("the server stopped before its models were loaded")
             self._raise_if_unavailable(names, "servable(s) did not become available")
         except ServingError:
             self.stop()
@@ -197,10 +202,12 @@ class ModelManager:
         Blocks until in-flight requests have released their versions.
         """
         with self._lock:
-            if not self._running:
-                return
-            self._running = False
-        self._stop_event.set()
+            # Set first: it cancels load retries, and a start() that has not begun yet.
+            self._stop_event.set()
+            was_running, self._running = self._running, False
+            self._changed.notify_all()  # wakes a start() waiting for the initial loads
+        if not was_running:
+            return
         if self._poll_thread is not None:
             self._poll_thread.join()
         with self._poll_lock, self._lock:

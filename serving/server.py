@@ -312,10 +312,22 @@ class EmbeddedServer:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            # A signal while the initial models load (or wait out load retries): TF Serving
+            # dies at once; we cancel the loads and stop cleanly.
+            log.info("stop requested while the initial models load: cancelling the loads")
+            await loop.run_in_executor(None, self.manager.stop)
+            await asyncio.wait({starting})
+        stopping.cancel()
         try:
-            await self.start()
+            starting.result()
         except BaseException:
             await self.stop()  # release what did start (loaded models, a bound port)
+            if stop.is_set():
+                return 0
             raise
         rest = self.options.rest_port or "off"
         print(f"convstack serve: ready (gRPC {self.options.port}, REST {rest})", flush=True)

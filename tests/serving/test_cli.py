@@ -363,3 +363,45 @@ def test_embedded_server_runs_tensorflow_with_the_thread_flags(tmp_path):
     # Logged after the model loaded: TensorFlow was running by then, with these pools.
     logged = server.log_path.read_text()
     assert "TensorFlow thread pools: intra_op_parallelism=1 inter_op_parallelism=2" in logged
+
+
+@pytest.mark.slow
+def test_sigterm_while_a_failed_initial_load_waits_to_retry_stops_the_server(tmp_path):
+    """The initial load fails and waits an hour for its first retry: SIGTERM used to be
+    held until every retry had run (5 retries, 5 hours here); it now cancels the retries and
+    the server exits 0 after a clean stop."""
+    import signal
+    import time
+
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from convstack.serving.process import ServerProcess
+    from tests.serving import helpers
+
+    model_dir = helpers.make_repository(tmp_path / "models", helpers.exported_version(), [1])
+    warmup = model_dir / "1" / "assets.extra" / "tf_serving_warmup_requests"
+    record = prediction_log_pb2.PredictionLog()
+    record.predict_log.request.inputs["not_an_input"].CopyFrom(tf.make_tensor_proto([1.0]))
+    with tf.io.TFRecordWriter(str(warmup)) as writer:
+        writer.write(record.SerializeToString())
+    server = ServerProcess.start(
+        helpers.MODEL_NAME,
+        model_dir,
+        tmp_path / "server.log",
+        flags=["--load_retry_interval_micros=3600000000"],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while "failed to load (attempt 1 of 6)" not in server.log_tail(50):
+            assert time.monotonic() < deadline and server.process.poll() is None, server.log_tail()
+            time.sleep(0.2)
+        server.process.send_signal(signal.SIGTERM)
+        status = server.process.wait(timeout=60)  # a hang bound, far below the retries' hours
+    finally:
+        server.stop()
+
+    log = server.log_tail(50)
+    assert status == 0, log
+    assert "stop requested while the initial models load: cancelling the loads" in log
+    assert "Load retries of" in log and "cancelled" in log
