@@ -120,11 +120,15 @@ def _fit(strategy_setup, config, dataset) -> Callable[[int], float]:
         on_epoch_begin=lambda epoch, logs: marks.append(time.perf_counter()),
         on_epoch_end=lambda epoch, logs: marks.append(time.perf_counter()),
     )
-    model.fit(batches, steps_per_epoch=2 * config.steps_per_execution, epochs=1, verbose=0)
+    model.fit(
+        batches, steps_per_epoch=2 * config.steps_per_execution, epochs=1, verbose=0, shuffle=False
+    )
 
     def timed(steps: int) -> float:
         marks.clear()
-        model.fit(batches, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+        model.fit(
+            batches, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=[timer]
+        )
         return marks[1] - marks[0]
 
     return timed
