@@ -93,94 +93,87 @@ def test_accepts_text_format_variants():
 
 # Malformed text: protobuf's text format parser's own messages (TF Serving reads the file with
 # it), with the line; no field is blamed.
-@pytest.mark.parametrize(
-    ("text", "line", "fragment"),
-    [
-        (
-            "max_batch_size { value: 8 }\nmax_batch_sise { value: 8 }",
-            2,
-            'has no field named "max_batch_sise"',
-        ),
-        ("max_batch_size: 8", 1, 'Expected "{"'),
-        ("max_batch_size { vaule: 8 }", 1, 'no field named "vaule"'),
-        ("max_batch_size { value: eight }", 1, "Couldn't parse integer: eight"),
-        ("max_batch_size { value: 2.5 }", 1, "Couldn't parse integer: 2.5"),
-        ("\nmax_batch_size { value: 8 ", 2, 'Expected "}"'),
-        (
-            "max_batch_size { value: 8 }\nmax_batch_size { value: 9 }",
-            2,
-            'should not have multiple "max_batch_size" fields',
-        ),
-        ("max_batch_size 8", 1, 'Expected "{"'),
-        ("\n\nmax_batch_size = 8", 3, 'Expected "{"'),
-        ("pad_variable_length_inputs: maybe", 1, 'Expected "true" or "false"'),
-        ("thread_pool_name { value: 7 }", 1, "Expected string but found: '7'"),
-        ("max_batch_size { value: 9223372036854775808 }", 1, "Value out of range"),
-        # Not fields of TF Serving's BatchingParameters (they are BatchFunction op attributes or
-        # TFRT options): TF Serving refuses them as unknown, and so do we.
-        ("low_priority_max_batch_size { value: 4 }", 1, "has no field named"),
-        ("mixed_priority_batching_policy: PRIORITY_MERGE", 1, "has no field named"),
-    ],
-)
-def test_rejects_malformed_files_naming_source_and_line(text, line, fragment):
-    with pytest.raises(BatchingConfigError) as caught:
-        parse_batching_parameters(text, source="batching.cfg")
-    message = str(caught.value)
-    assert message.startswith(f"batching.cfg:{line}: "), message
-    assert fragment in message
-    assert "\n" not in message
-
+MALFORMED_FILES = [
+    (
+        "max_batch_size { value: 8 }\nmax_batch_sise { value: 8 }",
+        2,
+        'has no field named "max_batch_sise"',
+    ),
+    ("max_batch_size: 8", 1, 'Expected "{"'),
+    ("max_batch_size { vaule: 8 }", 1, 'no field named "vaule"'),
+    ("max_batch_size { value: eight }", 1, "Couldn't parse integer: eight"),
+    ("max_batch_size { value: 2.5 }", 1, "Couldn't parse integer: 2.5"),
+    ("\nmax_batch_size { value: 8 ", 2, 'Expected "}"'),
+    (
+        "max_batch_size { value: 8 }\nmax_batch_size { value: 9 }",
+        2,
+        'should not have multiple "max_batch_size" fields',
+    ),
+    ("max_batch_size 8", 1, 'Expected "{"'),
+    ("\n\nmax_batch_size = 8", 3, 'Expected "{"'),
+    ("pad_variable_length_inputs: maybe", 1, 'Expected "true" or "false"'),
+    ("thread_pool_name { value: 7 }", 1, "Expected string but found: '7'"),
+    ("max_batch_size { value: 9223372036854775808 }", 1, "Value out of range"),
+    # Not fields of TF Serving's BatchingParameters (they are BatchFunction op attributes or
+    # TFRT options): TF Serving refuses them as unknown, and so do we.
+    ("low_priority_max_batch_size { value: 4 }", 1, "has no field named"),
+    ("mixed_priority_batching_policy: PRIORITY_MERGE", 1, "has no field named"),
+]
 
 # Values TF Serving rejects: its messages, the line and field that hold the value.
+BAD_VALUES = [
+    (
+        "max_batch_size { value: 16 }\nallowed_batch_sizes: 8\n"
+        "allowed_batch_sizes: 4\nallowed_batch_sizes: 16",
+        2,
+        "allowed_batch_sizes",
+        "allowed_batch_sizes entries must be monotonically increasing",
+    ),
+    (
+        "max_batch_size { value: 32 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16",
+        2,
+        "allowed_batch_sizes",
+        "Last entry in allowed_batch_sizes must match max_batch_size; last entry was 16; "
+        "expected 32",
+    ),
+    (
+        "allowed_batch_sizes: 8",
+        1,
+        "allowed_batch_sizes",
+        "last entry was 8; expected 1000",
+    ),
+    (
+        "num_batch_threads { value: 2 }\nbatch_timeout_micros { value: -1 }",
+        2,
+        "batch_timeout_micros",
+        "batch_timeout_micros must be non-negative; was -1",
+    ),
+    ("num_batch_threads { value: 0 }", 1, "num_batch_threads", "must be positive; was 0"),
+    ("max_batch_size {}", 1, "max_batch_size", "max_batch_size must be positive; was 0"),
+    (
+        "enable_large_batch_splitting { value: true }\nmax_batch_size { value: 8 }\n"
+        "max_execution_batch_size { value: 16 }",
+        3,
+        "max_execution_batch_size",
+        "greater than or equal to max_execution_batch_size",
+    ),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "line", "field", "fragment"),
-    [
-        (
-            "max_batch_size { value: 16 }\nallowed_batch_sizes: 8\n"
-            "allowed_batch_sizes: 4\nallowed_batch_sizes: 16",
-            2,
-            "allowed_batch_sizes",
-            "allowed_batch_sizes entries must be monotonically increasing",
-        ),
-        (
-            "max_batch_size { value: 32 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 16",
-            2,
-            "allowed_batch_sizes",
-            "Last entry in allowed_batch_sizes must match max_batch_size; last entry was 16; "
-            "expected 32",
-        ),
-        (
-            "allowed_batch_sizes: 8",
-            1,
-            "allowed_batch_sizes",
-            "last entry was 8; expected 1000",
-        ),
-        (
-            "num_batch_threads { value: 2 }\nbatch_timeout_micros { value: -1 }",
-            2,
-            "batch_timeout_micros",
-            "batch_timeout_micros must be non-negative; was -1",
-        ),
-        ("num_batch_threads { value: 0 }", 1, "num_batch_threads", "must be positive; was 0"),
-        ("max_batch_size {}", 1, "max_batch_size", "max_batch_size must be positive; was 0"),
-        (
-            "enable_large_batch_splitting { value: true }\nmax_batch_size { value: 8 }\n"
-            "max_execution_batch_size { value: 16 }",
-            3,
-            "max_execution_batch_size",
-            "greater than or equal to max_execution_batch_size",
-        ),
-    ],
+    [(text, line, None, fragment) for text, line, fragment in MALFORMED_FILES] + BAD_VALUES,
 )
-def test_rejects_bad_values_naming_source_line_and_field(text, line, field, fragment):
+def test_rejects_bad_files_naming_source_line_and_field(text, line, field, fragment):
     with pytest.raises(BatchingConfigError) as caught:
         parse_batching_parameters(text, source="batching.cfg")
     message = str(caught.value)
     assert message.startswith(f"batching.cfg:{line}: "), message
     assert fragment in message
     assert "\n" not in message
-    assert field in message
     assert caught.value.field == field
+    if field is not None:
+        assert field in message
 
 
 def test_max_enqueued_batches_zero_becomes_one_as_in_tf_serving():
