@@ -86,24 +86,38 @@ class ServerProcess:
     def wait_available(self, model_name: str, timeout: float = SERVER_START_SECONDS) -> None:
         """Poll the REST status until a version is AVAILABLE (ServerProcessError if it exits
         or never gets there)."""
-        url = f"{self.rest_target}/v1/models/{model_name}"
+
+        def available(status: dict) -> bool:
+            return "AVAILABLE" in [s["state"] for s in status["model_version_status"]]
+
+        self.poll_status(
+            f"/v1/models/{model_name}",
+            available,
+            server="the server",
+            waiting_for=f"{model_name} not AVAILABLE",
+            timeout=timeout,
+        )
+
+    def poll_status(
+        self, path: str, ready, *, server: str, waiting_for: str, timeout: float, interval=0.2
+    ) -> None:
+        """GET `path` on the REST port until `ready(its JSON)` is true; ServerProcessError
+        naming `server` if the process exits, or `waiting_for` after `timeout` seconds."""
+        url = f"{self.rest_target}{path}"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerProcessError(
-                    f"the server exited with {self.process.returncode}:\n{self.log_tail()}"
+                    f"{server} exited with {self.process.returncode}:\n{self.log_tail()}"
                 )
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
-                    states = [s["state"] for s in json.load(response)["model_version_status"]]
-                if "AVAILABLE" in states:
-                    return
+                    if ready(json.load(response)):
+                        return
             except (OSError, ValueError, KeyError):
                 pass  # not listening yet, or still loading
-            time.sleep(0.2)
-        raise ServerProcessError(
-            f"{model_name} not AVAILABLE after {timeout:.0f} s:\n{self.log_tail()}"
-        )
+            time.sleep(interval)
+        raise ServerProcessError(f"{waiting_for} after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait; SIGKILL if it does not exit in `timeout` s. The exit status."""

@@ -10,19 +10,16 @@ stamp names the same requirements (TensorFlow's version among them); otherwise i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from convstack.common.ports import free_ports
-from convstack.serving.process import ServerProcess, ServerProcessError
+from convstack.serving.process import ServerProcess
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +97,7 @@ class PeerProcess:
     grpc_target = ServerProcess.grpc_target
     rest_target = ServerProcess.rest_target
     log_tail = ServerProcess.log_tail
+    poll_status = ServerProcess.poll_status
     stop = ServerProcess.stop
 
     @classmethod
@@ -136,18 +134,11 @@ class PeerProcess:
 
     def wait_available(self, model_name: str, timeout: float = PEER_START_SECONDS) -> None:
         """Poll KServe's v1 model status until it says ready."""
-        url = f"{self.rest_target}/v1/models/{model_name}"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerProcessError(
-                    f"the KServe peer exited with {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if json.load(response).get("ready"):
-                        return
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.3)
-        raise ServerProcessError(f"KServe peer not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        self.poll_status(
+            f"/v1/models/{model_name}",
+            lambda status: bool(status.get("ready")),
+            server="the KServe peer",
+            waiting_for="KServe peer not ready",
+            timeout=timeout,
+            interval=0.3,
+        )
