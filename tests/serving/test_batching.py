@@ -725,3 +725,29 @@ def test_a_request_others_may_join_still_waits_for_them():
     assert_doubled(first, 1)
     assert_doubled(second, 2)
     assert model.sizes == [2]
+    # A batch of several tasks means others are arriving: it runs on a batch thread, not on
+    # the loop's, which would hold back every request that arrives meanwhile.
+    assert model.threads != [threading.main_thread()]
+
+
+def test_a_lone_request_is_counted_as_a_batch_of_one_task():
+    """The lone request skips the queue, but the batch metrics still see its batch."""
+    model = ThreadRecorder()
+    seen = []
+
+    async def main():
+        scheduler = BatchScheduler(
+            params(max_batch_size=8, allowed_batch_sizes=(4, 8)),
+            outstanding=lambda: 1,
+            on_batch=seen.append,
+        )
+        result = await scheduler.submit("k", rows(3), model)
+        await asyncio.sleep(0)  # the stats are reported once the answer is on its way
+        await scheduler.close()
+        return result
+
+    assert_doubled(run_async(main()), 3)
+    assert model.threads == [threading.main_thread()]
+    (stats,) = seen
+    assert (stats.key, stats.size, stats.padded_size, stats.num_tasks) == ("k", 1, 4, 1)
+    assert stats.queue_delay_seconds == [0.0]
