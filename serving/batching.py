@@ -579,9 +579,15 @@ def _task_rows(inputs: Mapping[str, np.ndarray]) -> int:
     return rows
 
 
-# A batch run on the loop's thread (see BatchScheduler's `outstanding`) has at most this many
-# input elements, so it holds the loop for a few milliseconds at most with a small model.
-_INLINE_MAX = 1 << 15
+# A request run on the event loop's thread (a lone Predict, with or without batching) has at most
+# this many input elements (a batch of 32 28x28 images is 25,088): at most a few milliseconds of
+# blocking for a small model.
+INLINE_MAX_ELEMENTS = 1 << 15
+
+
+def small_enough_to_run_inline(inputs: Mapping[str, np.ndarray]) -> bool:
+    """Whether a lone request's inputs are small enough to run on the event loop's thread."""
+    return sum(np.size(value) for value in inputs.values()) <= INLINE_MAX_ELEMENTS
 
 
 class BatchScheduler:
@@ -687,7 +693,7 @@ class BatchScheduler:
             return False
         if rows > self._params.execution_batch_size:
             return False  # split (or refused) as usual
-        return sum(np.size(value) for value in arrays.values()) <= _INLINE_MAX
+        return small_enough_to_run_inline(arrays)
 
     def _run_alone(self, key, arrays, rows: int, run: RunFn) -> dict[str, np.ndarray]:
         """Run a lone task as a batch of its own on the loop's thread: padded as any batch,
@@ -764,7 +770,7 @@ class BatchScheduler:
         # Only a lone request runs on the loop's thread, as without batching: a batch of several
         # means others are arriving, and blocking the loop for its run would hold them back.
         lone = len(pieces) == 1
-        if inline and lone and sum(np.size(v) for v in pieces[0].inputs.values()) <= _INLINE_MAX:
+        if inline and lone and small_enough_to_run_inline(pieces[0].inputs):
             done: concurrent.futures.Future = concurrent.futures.Future()
             done.set_result(
                 _execute_batch(

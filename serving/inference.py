@@ -15,7 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from convstack.serving import tasks
-from convstack.serving.batching import BatchingParameters, BatchScheduler, BatchStats
+from convstack.serving.batching import (
+    BatchingParameters,
+    BatchScheduler,
+    BatchStats,
+    small_enough_to_run_inline,
+)
 from convstack.serving.errors import (
     DeadlineExceeded,
     Internal,
@@ -64,10 +69,6 @@ MULTI_INFERENCE_API = "MultiInference"
 # Requests for models the server does not serve are counted under this one label, so that
 # made-up names cannot grow the metric series without bound.
 UNKNOWN_MODEL_LABEL = "<unknown>"
-
-# A lone Predict with at most this many input elements runs on the event loop's thread (a batch
-# of 32 28x28 images is 25,088): at most a few milliseconds of blocking for a small model.
-INLINE_MAX_ELEMENTS = 1 << 15
 
 # Decodes a request's raw inputs once the signature is known (TF Serving parses the tensors
 # only after it has resolved the model, the version and the signature).
@@ -146,7 +147,7 @@ class InferenceService:
         Saves the two thread hand-offs that dominate a small request's cost at concurrency 1."""
         if self._in_flight != 1:
             return False
-        return sum(np.size(value) for value in inputs.values()) <= INLINE_MAX_ELEMENTS
+        return small_enough_to_run_inline(inputs)
 
     def _enter(self) -> None:
         if self._in_flight >= self._max_concurrent:

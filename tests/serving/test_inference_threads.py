@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from convstack.serving import servable as servable_module
-from convstack.serving.inference import INLINE_MAX_ELEMENTS, InferenceService, ModelRef
+from convstack.serving.batching import INLINE_MAX_ELEMENTS
+from convstack.serving.inference import InferenceService, ModelRef
 from convstack.serving.manager import ModelManager
 from convstack.serving.metrics import ServingMetrics
 from tests.serving import helpers
