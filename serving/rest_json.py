@@ -45,6 +45,7 @@ import orjson
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
+from convstack.serving import rest_json_arrays
 from convstack.serving.errors import InvalidArgument, Unimplemented
 
 __all__ = [
@@ -483,25 +484,27 @@ def _check_surrogates(text: str, skipped: int) -> None:
 # take the exact parser, which gives TF Serving's value or error.
 # A whole part this long may reach the double range where rapidjson stops (DBL_MAX / 10).
 _LONG_DIGIT_RUN = 300
+# Below this, orjson and np.array cost less than the array scan's fixed numpy overhead.
+_NUMERIC_BODY_BYTES = 2048
 
 
 def _needs_exact_parse(raw: bytes) -> bool:
     """Whether a body could hold what orjson accepts and rapidjson refuses: nesting beyond
     MAX_JSON_DEPTH, a positive exponent of three digits or more ("0e400" is 0.0 for orjson,
     too big for rapidjson), or a run of digits long enough to overflow its integer reading."""
-    if _big_exponent(raw):
+    if _numbers_need_exact_parse(raw):
         return True
-    if len(raw) >= _LONG_DIGIT_RUN:
-        data = np.frombuffer(raw, dtype=np.uint8)
-        others = np.flatnonzero((data - np.uint8(48)) > 9)  # positions of non-digits
-        if len(others) == 0 or np.diff(others).max(initial=0) > _LONG_DIGIT_RUN:
-            return True
-        if others[0] >= _LONG_DIGIT_RUN or len(raw) - 1 - others[-1] >= _LONG_DIGIT_RUN:
-            return True
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
         data = np.frombuffer(raw, dtype=np.uint8)
         return _depth_beyond(data, b"\\" in raw, MAX_JSON_DEPTH) is not None
     return False
+
+
+def _numbers_need_exact_parse(raw: bytes) -> bool:
+    """`_needs_exact_parse` but for nesting: a big exponent or a long run of digits."""
+    if _big_exponent(raw):
+        return True
+    return len(raw) >= _LONG_DIGIT_RUN and _LONG_ZEROS in raw.translate(_DIGITS_TO_ZERO)
 
 
 def _big_exponent(raw: bytes) -> bool:
@@ -521,6 +524,9 @@ def _big_exponent(raw: bytes) -> bool:
 
 
 _DIGIT_BYTES = frozenset(b"0123456789")
+# A run of _LONG_DIGIT_RUN digits is a run of as many zeros once every digit reads as one.
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_LONG_ZEROS = b"0" * _LONG_DIGIT_RUN
 _NOT_PARSED = object()
 
 
@@ -995,6 +1001,10 @@ def parse_predict_body(
     """
     if isinstance(body, (bytearray, memoryview)):
         body = bytes(body)
+    if isinstance(body, bytes):
+        fast = _numeric_body(body, signature_inputs)
+        if fast is not None:
+            return fast
     document = parse_json_object(body)
     signature_name = signature_name_of(document)
     dtypes = _input_dtypes(signature_inputs, signature_name)
@@ -1020,6 +1030,28 @@ def parse_predict_body(
         inputs = _guarded(_columns, document["inputs"], dtypes, bool_tokens)
         return signature_name, inputs, COLUMNAR
     raise RestFormatError("Missing 'inputs' or 'instances' key")
+
+
+def _numeric_body(body: bytes, signature_inputs: SignatureInputs):
+    """`parse_predict_body`'s answer for a body whose one input is a float tensor written as one
+    regular array of numbers, read by `rest_json_arrays` without Python lists; None for any other
+    body (or one where orjson and rapidjson could disagree), which takes the general path."""
+    # Nesting needs no screening here: rest_json_arrays takes no array deeper than its
+    # MAX_RANK, far below MAX_JSON_DEPTH.
+    if len(body) < _NUMERIC_BODY_BYTES or _numbers_need_exact_parse(body):
+        return None
+    found = rest_json_arrays.numeric_body(body)
+    if found is None:
+        return None
+    dtypes = _input_dtypes(signature_inputs, found.signature_name)
+    if len(dtypes) != 1:
+        return None
+    ((name, dtype),) = dtypes.items()
+    if dtype.name not in _FLOATS or found.inner_key not in (None, name):
+        return None
+    with np.errstate(over="ignore"):
+        tensor = found.values.astype(dtype)
+    return found.signature_name, {name: tensor}, ROW if found.key == "instances" else COLUMNAR
 
 
 def _guarded(convert, value, dtypes, bool_tokens):
