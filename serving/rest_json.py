@@ -527,6 +527,39 @@ _DIGIT_BYTES = frozenset(b"0123456789")
 # A run of _LONG_DIGIT_RUN digits is a run of as many zeros once every digit reads as one.
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_ZEROS = b"0" * _LONG_DIGIT_RUN
+
+# The numeric path's cheaper form of the digit-run screen (`_numeric_body`). simdjson refuses
+# every number beyond the double range, so rapidjson's refusals it could accept are the long
+# whole parts a negative exponent brings back into range: only the text before each such
+# exponent is screened, up to a bounded number of them.
+_EXPONENTS_SCREENED = 64
+# How far back from an exponent its number's digits are screened: a number (digits and one
+# point) that fills more than twice the run holds a long run within this window.
+_EXPONENT_WINDOW = 2 * _LONG_DIGIT_RUN + 2
+
+
+def _long_run_before_negative_exponent(raw: bytes) -> bool:
+    """Whether some number with a negative exponent may have a long run of digits: the window
+    before each `e-` is screened (past _EXPONENTS_SCREENED letters e, the whole body).
+    Found with single-byte `find`s, which are far faster than searching for `e-` itself."""
+    seen = 0
+    for letter in (b"e", b"E"):
+        position = raw.find(letter)
+        while position != -1:
+            seen += 1
+            if seen > _EXPONENTS_SCREENED:
+                return _LONG_ZEROS in raw.translate(_DIGITS_TO_ZERO)
+            if raw[position + 1 : position + 2] == b"-" and _long_run_before(raw, position):
+                return True
+            position = raw.find(letter, position + 1)
+    return False
+
+
+def _long_run_before(raw: bytes, position: int) -> bool:
+    window = raw[max(0, position - _EXPONENT_WINDOW) : position]
+    return _LONG_ZEROS in window.translate(_DIGITS_TO_ZERO)
+
+
 _NOT_PARSED = object()
 
 
@@ -1038,7 +1071,9 @@ def _numeric_body(body: bytes, signature_inputs: SignatureInputs):
     body (or one where orjson and rapidjson could disagree), which takes the general path."""
     # Nesting needs no screening here: rest_json_arrays takes no array deeper than its
     # MAX_RANK, far below MAX_JSON_DEPTH.
-    if len(body) < _NUMERIC_BODY_BYTES or _numbers_need_exact_parse(body):
+    if len(body) < _NUMERIC_BODY_BYTES or _big_exponent(body):
+        return None
+    if _long_run_before_negative_exponent(body):
         return None
     found = rest_json_arrays.numeric_body(body)
     if found is None:

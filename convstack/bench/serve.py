@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import math
 import os
@@ -346,6 +347,36 @@ def tflite_model_base(version_dir: Path, workdir: Path) -> Path:
     )
     (target / "model.tflite").write_bytes(converter.convert())
     return base
+
+
+def tflite_served(version_dir: Path) -> dict:
+    """What the tflite variant serves, for the report: the version's own `model.tflite` as its
+    model card describes it (quantisation, test accuracy beside the SavedModel's), or the
+    float32 conversion `tflite_model_base` makes when the version has none."""
+    if not (version_dir / "model.tflite").is_file():
+        return {
+            "source": "converted by the benchmark (tf.lite.TFLiteConverter, no signature "
+            "metadata: answers only the probabilities)",
+            "quantization": "float32",
+        }
+    card_file = version_dir / "assets.extra" / "model_card.json"
+    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
+    entry = card.get("tflite") or {}
+    return {
+        "source": "the version's model.tflite (convstack train --tflite)",
+        "quantization": entry.get("quantization", "unknown"),
+        "test_accuracy": entry.get("test_accuracy"),
+        "saved_model_test_accuracy": entry.get("saved_model_test_accuracy"),
+    }
+
+
+def tflite_text(served: dict) -> str:
+    """One line on the tflite variant's model; a quantised one is a different model."""
+    text = f"tflite serves {served['quantization']} weights, {served['source']}"
+    accuracy, reference = served.get("test_accuracy"), served.get("saved_model_test_accuracy")
+    if accuracy is not None and reference is not None:
+        text += f"; test accuracy {accuracy:.4f} against the SavedModel's {reference:.4f}"
+    return text
 
 
 def _tflite_input_names(version_dir: Path, model_name: str) -> dict[str, str]:
@@ -698,6 +729,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for v in variants
         },
         "floor": floor,
+        "tflite": None if args.no_tflite else tflite_served(path),
         "summary": summaries,
         "ratios": compute_ratios(records, names),
         "goals": evaluate_goals(summaries, floor, names),
@@ -758,6 +790,8 @@ def summary_table(report: dict) -> str:
         verdict = "met" if goal["met"] else "NOT met"
         rows.append(f"goal {name} {goal['target']}: measured {_fmt(goal['measured'])}, {verdict}")
     rows.append(_threads_text(report))
+    if report.get("tflite"):
+        rows.append(tflite_text(report["tflite"]))
     contended = sum(s["contended_rounds"] for v in report["summary"].values() for s in v.values())
     if contended:
         rows.append(

@@ -19,6 +19,8 @@ from convstack.bench.serve import (
     reported_threads,
     server_flags,
     shape_key,
+    tflite_served,
+    tflite_text,
 )
 from tests.serving.helpers import make_model_dir
 
@@ -101,6 +103,24 @@ def test_reported_threads_come_from_the_server_log():
     assert reported_threads("a server that never said\n") is None
 
 
+def test_the_report_says_which_tflite_model_the_tflite_variant_serves(tmp_path):
+    version = tmp_path / "digits" / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    assert tflite_served(version)["quantization"] == "float32"  # the benchmark converts one
+    (version / "model.tflite").write_bytes(b"flatbuffer")
+    card = {"tflite": {"quantization": "int8", "test_accuracy": 0.9582,
+                       "saved_model_test_accuracy": 0.961}}  # fmt: skip
+    (version / "assets.extra" / "model_card.json").write_text(json.dumps(card))
+
+    served = tflite_served(version)
+
+    assert served["quantization"] == "int8"
+    assert (served["test_accuracy"], served["saved_model_test_accuracy"]) == (0.9582, 0.961)
+    assert "int8" in tflite_text(served) and "0.9582 against the SavedModel's 0.9610" in (
+        tflite_text(served)
+    )
+
+
 @pytest.mark.slow
 def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     make_model_dir(tmp_path / "models")
@@ -123,6 +143,7 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     for server in report["servers"].values():
         assert server["tensorflow_threads_reported"] == {"intra_op": 2, "inter_op": 1}
     assert set(report["floor"]) == {"1", "4"}
+    assert report["tflite"] is None  # --no-tflite
 
     keys = {shape_key(p, b, c) for p, (b, c) in itertools.product(PROTOCOLS, [(1, 1), (4, 2)])}
     assert set(report["rounds_by_shape"]) == set(report["summary"]) == keys

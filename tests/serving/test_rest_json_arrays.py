@@ -55,6 +55,19 @@ STRUCTURE_BODIES = [
     '{"instances": [1, 2]',
 ]
 
+# Numbers rapidjson refuses (a whole part past DBL_MAX / 10 as it reads the digits) that
+# simdjson reads, some only because an exponent brings them back into range.
+LONG_NUMBER_BODIES = [
+    '{"instances": [1' + "0" * 400 + "e-300]}",
+    '{"instances": [1' + "0" * 305 + ".5e-300]}",
+    '{"instances": [1' + "0" * 400 + "." + "1" * 2000 + "e-300]}",  # 'e-' far from the run
+    '{"instances": [' + "1e-5, " * 100 + "1" + "0" * 400 + "e-300]}",  # many 'e-'
+    '{"instances": [1' + "0" * 308 + ".5]}",
+    '{"instances": [-1' + "0" * 308 + ".5E+0]}",
+    '{"instances": [1' + "0" * 305 + ".5]}",  # 306 digits: both read it
+    '{"instances": [0.' + "0" * 400 + "1e-5]}",  # a long fraction is no problem for either
+]
+
 
 def _same_outcome(body: str, dtype) -> None:
     specs = {"images": (dtype, None)}
@@ -63,10 +76,23 @@ def _same_outcome(body: str, dtype) -> None:
     assert str(fast) == str(exact)  # str: NaN compares unequal to itself
 
 
-@pytest.mark.parametrize("body", STRUCTURE_BODIES + TRICKY_BODIES)
+@pytest.mark.parametrize("body", STRUCTURE_BODIES + TRICKY_BODIES + LONG_NUMBER_BODIES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
 def test_large_bodies_parse_as_the_exact_path_does(body, dtype):
     _same_outcome(body + PADDING, dtype)
+
+
+def test_the_exponent_screen_looks_at_a_bounded_number_of_exponents(monkeypatch):
+    """Windows before at most _EXPONENTS_SCREENED exponents; past that, one scan of the body."""
+    windows = []
+    screen = rest_json._long_run_before
+    monkeypatch.setattr(
+        rest_json, "_long_run_before", lambda raw, at: windows.append(at) or screen(raw, at)
+    )
+    many = ('{"instances": [' + "1e-5, " * 10_000 + "1" + "0" * 400 + "e-300]}").encode()
+    assert rest_json._long_run_before_negative_exponent(many)
+    assert 0 < len(windows) <= rest_json._EXPONENTS_SCREENED
+    _same_outcome(many.decode(), np.float32)
 
 
 def test_batches_of_images_take_simdjson_not_orjson(monkeypatch):
