@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from convstack.serving import servable as servable_module
-from convstack.serving.batching import INLINE_MAX_ELEMENTS
+from convstack.serving.batching import INLINE_MAX_ELEMENTS, small_enough_to_run_inline
 from convstack.serving.inference import InferenceService, ModelRef
 from convstack.serving.manager import ModelManager
 from convstack.serving.metrics import ServingMetrics
@@ -50,6 +50,14 @@ def threads(monkeypatch):
 
 def _predict(service, images):
     return service.predict(ModelRef(helpers.MODEL_NAME), "", {"images": images})
+
+
+def test_a_batch_of_32_digits_images_is_not_small_enough_to_block_the_loop():
+    """While it runs a request inline the loop reads no other, so they all look lone: a batch
+    whose run takes milliseconds must go to a request thread (measured in bench serve)."""
+    assert small_enough_to_run_inline({"images": np.zeros((1, 28, 28, 1), np.float32)})
+    assert not small_enough_to_run_inline({"images": np.zeros((32, 28, 28, 1), np.float32)})
+    assert not small_enough_to_run_inline({"images": np.zeros((8, 28, 28, 1), np.float32)})
 
 
 def test_a_lone_small_predict_runs_on_the_loops_thread(service, threads):
