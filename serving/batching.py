@@ -329,6 +329,8 @@ def _merge_inputs(
 ) -> tuple[dict[str, np.ndarray], int]:
     """Concatenate the tasks' inputs along axis 0 and pad to an allowed batch size."""
     padded = _round_up(params.allowed_batch_sizes, sum(sizes))
+    if len(inputs) == 1 and padded == sizes[0] and not params.pad_variable_length_inputs:
+        return dict(inputs[0]), padded  # one task, no rows to add: nothing to check or join
     padding = padded - sum(sizes)
     names = list(inputs[0])
     if any(set(task) != set(names) for task in inputs):
@@ -362,6 +364,9 @@ def _split_outputs(
                 f"Batched output tensor '{name}' 0th dimension {array.shape[0]} does not equal "
                 f"the sum of the 0th dimension sizes of the input tensors ({padded})"
             )
+        if sizes == [padded]:
+            per_task[0][name] = array  # one task, no padding: its rows are all of them
+            continue
         start = 0
         for task, size in zip(per_task, sizes, strict=True):
             task[name] = array[start : start + size]
