@@ -660,7 +660,12 @@ class BatchScheduler:
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         rows = _task_rows(arrays)
         if self._alone(arrays, rows):
-            return self._run_alone(key, arrays, rows, run)
+            # Requests the loop read together with this one have not reached the server yet
+            # (their handlers are queued behind this one): one loop iteration lets them in
+            # before this one is judged alone, or under load every request would run alone.
+            await asyncio.sleep(0)
+            if self._alone(arrays, rows):
+                return self._run_alone(key, arrays, rows, run)
         now = time.monotonic()
         request = _Request(loop.create_future(), deadline, now, run)
         queue = self._queues.get(key) or _Queue(self._params)

@@ -106,6 +106,19 @@ def test_with_run_lone_batches_at_once_a_lone_batched_predict_does_not_wait(serv
     assert threads == [(1, threading.main_thread())]
 
 
+def test_with_run_lone_batches_at_once_predicts_arriving_together_still_merge(service, threads):
+    """Requests started in one loop iteration (as a burst the server reads at once) form one
+    batch: the first must not be judged alone before the others reach the server."""
+    batched = _batching_service(service, at_once=True)
+
+    async def burst():
+        return await asyncio.gather(*(_predict(batched, SMALL) for _ in range(3)))
+
+    results = asyncio.run(asyncio.wait_for(burst(), 20))
+    assert [r.outputs["classes"].shape for r in results] == [(1,)] * 3
+    assert [rows for rows, _ in threads] == [3]
+
+
 def test_by_default_a_lone_batched_predict_waits_for_the_timeout_as_tf_serving(service, threads):
     batched = _batching_service(service, at_once=False)
     with pytest.raises(TimeoutError):
