@@ -364,9 +364,6 @@ def _split_outputs(
                 f"Batched output tensor '{name}' 0th dimension {array.shape[0]} does not equal "
                 f"the sum of the 0th dimension sizes of the input tensors ({padded})"
             )
-        if sizes == [padded]:
-            per_task[0][name] = array  # one task, no padding: its rows are all of them
-            continue
         start = 0
         for task, size in zip(per_task, sizes, strict=True):
             task[name] = array[start : start + size]

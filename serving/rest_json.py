@@ -492,19 +492,12 @@ def _needs_exact_parse(raw: bytes) -> bool:
     """Whether a body could hold what orjson accepts and rapidjson refuses: nesting beyond
     MAX_JSON_DEPTH, a positive exponent of three digits or more ("0e400" is 0.0 for orjson,
     too big for rapidjson), or a run of digits long enough to overflow its integer reading."""
-    if _numbers_need_exact_parse(raw):
+    if _big_exponent(raw) or (len(raw) >= _LONG_DIGIT_RUN and _has_long_digit_run(raw)):
         return True
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
         data = np.frombuffer(raw, dtype=np.uint8)
         return _depth_beyond(data, b"\\" in raw, MAX_JSON_DEPTH) is not None
     return False
-
-
-def _numbers_need_exact_parse(raw: bytes) -> bool:
-    """`_needs_exact_parse` but for nesting: a big exponent or a long run of digits."""
-    if _big_exponent(raw):
-        return True
-    return len(raw) >= _LONG_DIGIT_RUN and _LONG_ZEROS in raw.translate(_DIGITS_TO_ZERO)
 
 
 def _big_exponent(raw: bytes) -> bool:
@@ -528,6 +521,12 @@ _DIGIT_BYTES = frozenset(b"0123456789")
 _DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_ZEROS = b"0" * _LONG_DIGIT_RUN
 
+
+def _has_long_digit_run(text: bytes) -> bool:
+    """Whether `text` holds a run of _LONG_DIGIT_RUN digits (one translate, one search)."""
+    return _LONG_ZEROS in text.translate(_DIGITS_TO_ZERO)
+
+
 # The numeric path's cheaper form of the digit-run screen (`_numeric_body`). simdjson refuses
 # every number beyond the double range, so rapidjson's refusals it could accept are the long
 # whole parts a negative exponent brings back into range: only the text before each such
@@ -548,7 +547,7 @@ def _long_run_before_negative_exponent(raw: bytes) -> bool:
         while position != -1:
             seen += 1
             if seen > _EXPONENTS_SCREENED:
-                return _LONG_ZEROS in raw.translate(_DIGITS_TO_ZERO)
+                return _has_long_digit_run(raw)
             if raw[position + 1 : position + 2] == b"-" and _long_run_before(raw, position):
                 return True
             position = raw.find(letter, position + 1)
@@ -556,8 +555,7 @@ def _long_run_before_negative_exponent(raw: bytes) -> bool:
 
 
 def _long_run_before(raw: bytes, position: int) -> bool:
-    window = raw[max(0, position - _EXPONENT_WINDOW) : position]
-    return _LONG_ZEROS in window.translate(_DIGITS_TO_ZERO)
+    return _has_long_digit_run(raw[max(0, position - _EXPONENT_WINDOW) : position])
 
 
 _NOT_PARSED = object()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from convstack.common.files import write_json_atomic
 from convstack.common.flags import positive_int, positive_number
 from convstack.serving.cli import thread_count
 from convstack.serving.process import ServerProcess, ServerProcessError
+from convstack.serving.rollout.repository import read_card
 
 log = logging.getLogger(__name__)
 
@@ -362,9 +362,7 @@ def tflite_served(version_dir: Path) -> dict:
             "metadata: answers only the probabilities)",
             "quantization": "float32",
         }
-    card_file = version_dir / "assets.extra" / "model_card.json"
-    card = json.loads(card_file.read_text()) if card_file.is_file() else {}
-    entry = card.get("tflite") or {}
+    entry = read_card(version_dir).get("tflite") or {}
     return {
         "source": "the version's model.tflite (convstack train --tflite)",
         "quantization": entry.get("quantization", "unknown"),
