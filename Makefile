@@ -84,7 +84,7 @@ bench-serve: setup
 		--out bench-results/serve.json
 
 # The same against KServe's Python server, side by side (its venv is made once, cached under
-# ~/.cache/convstack). Trains its own digits version once (about a minute), with an int8
+# ~/.cache/convstack). Trains its own digits version once (under a minute), with an int8
 # model.tflite for the TFLite column: a quantised model, its accuracy beside the SavedModel's in
 # the report and the model card.
 BENCH_MODELS := build/bench/models
