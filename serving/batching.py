@@ -595,6 +595,16 @@ def small_enough_to_run_inline(inputs: Mapping[str, np.ndarray]) -> bool:
     return sum(np.size(value) for value in inputs.values()) <= INLINE_MAX_ELEMENTS
 
 
+def _callbacks_waiting(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether other callbacks are ready to run on `loop` before anything it would read next.
+
+    CPython's event loops keep them in the private `_ready` deque (asyncio has no public
+    query); a loop without one (uvloop) is taken to have some, which costs a yield, never a
+    missed merge."""
+    ready = getattr(loop, "_ready", None)
+    return ready is None or len(ready) > 0
+
+
 class BatchScheduler:
     """TF Serving's shared batch scheduler on an asyncio loop: one queue per key, batches run
     with `run` in `executor` threads, at most `num_batch_threads` at a time across all keys.
@@ -656,13 +666,8 @@ class BatchScheduler:
         loop = self._bind_loop()
         arrays = {name: np.asarray(value) for name, value in inputs.items()}
         rows = _task_rows(arrays)
-        if self._alone(arrays, rows):
-            # Requests the loop read together with this one have not reached the server yet
-            # (their handlers are queued behind this one): one loop iteration lets them in
-            # before this one is judged alone, or under load every request would run alone.
-            await asyncio.sleep(0)
-            if self._alone(arrays, rows):
-                return self._run_alone(key, arrays, rows, run)
+        if self._alone(arrays, rows) and await self._alone_once_others_are_in(loop, arrays, rows):
+            return self._run_alone(key, arrays, rows, run)
         now = time.monotonic()
         request = _Request(loop.create_future(), deadline, now, run)
         queue = self._queues.get(key) or _Queue(self._params)
@@ -705,6 +710,17 @@ class BatchScheduler:
             return False  # split (or refused) as usual
         return small_enough_to_run_inline(arrays)
 
+    async def _alone_once_others_are_in(self, loop, arrays: Mapping[str, np.ndarray], rows: int):
+        """Whether a task judged alone still is once requests the loop read together with it
+        have reached the server: their handlers are queued behind it, and one pass through the
+        loop lets them in (or under load every request would run alone). With nothing queued
+        behind it, that pass would resume this task before anything the loop reads or times
+        out, so it is skipped: it would change nothing and cost a select() and a loop pass."""
+        if not _callbacks_waiting(loop):
+            return True
+        await asyncio.sleep(0)
+        return self._alone(arrays, rows)
+
     def _run_alone(self, key, arrays, rows: int, run: RunFn) -> dict[str, np.ndarray]:
         """Run a lone task as a batch of its own on the loop's thread: padded as any batch,
         counted in the batch metrics, but without the queue, its future and the two loop
@@ -714,8 +730,9 @@ class BatchScheduler:
             outcome = _execute_batch(run, [arrays], [rows], self._params)
         finally:
             self._running -= 1
-        # Counted once the answer is on its way: the loop has nothing else to do meanwhile.
-        self._loop.call_soon(self._report, key, [rows], outcome, [0.0])
+        # Counted here rather than in a callback after the answer: a callback would cost every
+        # lone request a second pass through the loop (select() included) for a few counters.
+        self._report(key, [rows], outcome, [0.0])
         if outcome.error is not None:
             raise _as_serving_error(outcome.error)
         return outcome.outputs[0]

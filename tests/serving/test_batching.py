@@ -705,6 +705,25 @@ def test_a_lone_request_runs_at_once_on_the_loops_thread_instead_of_waiting_the_
     assert model.threads == [threading.main_thread()]
 
 
+def test_a_lone_request_with_nothing_else_ready_completes_without_yielding_to_the_loop():
+    """The yield that lets requests read in the same pass reach the queue first is skipped when
+    no other callback is ready: the loop would resume this task before anything else, so the
+    pass would change nothing and only cost the lone request its time (the burst test in
+    test_inference_threads.py covers the yield that is kept)."""
+    model = Model()
+
+    async def main():
+        scheduler = BatchScheduler(params(max_batch_size=8), outstanding=lambda: 1)
+        step = scheduler.submit("k", rows(3), model)
+        with pytest.raises(StopIteration) as finished:
+            step.send(None)  # one step: it must finish, not suspend
+        await scheduler.close()
+        return finished.value.value
+
+    assert_doubled(run_async(main()), 3)
+    assert model.sizes == [1]
+
+
 def test_a_request_others_may_join_still_waits_for_them():
     """Two requests in the server, one queued: the batch waits (for the timeout or the other
     task); once the other is queued too, nobody else can join and both run in one batch."""
@@ -731,7 +750,8 @@ def test_a_request_others_may_join_still_waits_for_them():
 
 
 def test_a_lone_request_is_counted_as_a_batch_of_one_task():
-    """The lone request skips the queue, but the batch metrics still see its batch."""
+    """The lone request skips the queue, but the batch metrics still see its batch, by the time
+    its answer is back (a callback after it would cost each lone request a loop pass)."""
     model = ThreadRecorder()
     seen = []
 
@@ -742,12 +762,14 @@ def test_a_lone_request_is_counted_as_a_batch_of_one_task():
             on_batch=seen.append,
         )
         result = await scheduler.submit("k", rows(3), model)
-        await asyncio.sleep(0)  # the stats are reported once the answer is on its way
+        reported_with_the_answer = list(seen)
         await scheduler.close()
-        return result
+        return result, reported_with_the_answer
 
-    assert_doubled(run_async(main()), 3)
+    result, reported_with_the_answer = run_async(main())
+    assert_doubled(result, 3)
     assert model.threads == [threading.main_thread()]
+    assert reported_with_the_answer == seen
     (stats,) = seen
     assert (stats.key, stats.size, stats.padded_size, stats.num_tasks) == ("k", 1, 4, 1)
     assert stats.queue_delay_seconds == [0.0]
