@@ -2,19 +2,27 @@
 
 TF Serving names its metrics `/tensorflow/serving/...` and exposes them with `/` turned into
 `:` (`:tensorflow:serving:request_count`). Its counters carry no `_total` suffix, which
-prometheus_client's Counter would add, so counters are exported by a small collector; histograms
-use prometheus_client's own (same bucket layout as TF Serving: microseconds, exponential).
+prometheus_client's Counter would add, so counters are written by a small family of our own.
+Histograms (same bucket layout as TF Serving: microseconds, exponential) are counted here too and
+rendered by prometheus_client through its custom-collector interface: its own Histogram takes a
+lock per bucket counter and scans the buckets one by one, and a lone batched request's five
+observations measured 26 us of its time in the server (against a few us here).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from convstack.serving import text_protos
 
@@ -96,6 +104,42 @@ class _CounterFamily:
         return "\n".join(lines) + "\n"
 
 
+class _HistogramFamily:
+    """A labelled histogram kept as bucket counts and a sum per label set; a prometheus_client
+    collector (`collect`), so the library writes its exposition."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], bounds: tuple[float, ...]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self._bounds = bounds
+        self._le = [floatToGoString(bound) for bound in bounds] + ["+Inf"]
+        # Per label set: a count per bucket (the last one +Inf), then the sum.
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, label_values: tuple[str, ...], value: float) -> None:
+        """Count `value` in its bucket: the first whose upper bound is >= value."""
+        bucket = bisect.bisect_left(self._bounds, value)
+        with self._lock:
+            series = self._series.get(label_values)
+            if series is None:
+                series = self._series[label_values] = [0] * len(self._le) + [0.0]
+            series[bucket] += 1
+            series[-1] += value
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        with self._lock:
+            snapshot = [(labels, list(series)) for labels, series in self._series.items()]
+        for label_values, series in snapshot:
+            buckets = list(zip(self._le, itertools.accumulate(series[:-1]), strict=True))
+            family.add_metric(list(label_values), buckets, series[-1])
+        yield family
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
@@ -106,7 +150,6 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self._children: dict[tuple, object] = {}
         self.request_count = _CounterFamily(
             ":tensorflow:serving:request_count",
             "The total number of requests.",
@@ -154,38 +197,31 @@ class ServingMetrics:
             BATCH_SIZE_BUCKETS,
         )
 
-    def _histogram(self, name, documentation, labels, buckets) -> Histogram:
-        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
-
-    def _child(self, histogram: Histogram, *label_values: str):
-        """`histogram.labels(...)`, cached: prometheus_client validates the label values on
-        every call, which costs as much as the observation itself on the request path."""
-        key = (id(histogram), label_values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = histogram.labels(*label_values)
-        return child
+    def _histogram(self, name, documentation, labels, buckets) -> _HistogramFamily:
+        family = _HistogramFamily(name, documentation, labels, buckets)
+        self.registry.register(family)
+        return family
 
     def record_request(
         self, model_name: str, api: str, entrypoint: str, status_code: str, seconds: float
     ) -> None:
         """One request: its status (gRPC code name) and its latency in microseconds."""
         self.request_count.inc(model_name, status_code)
-        self._child(self.request_latency, model_name, api, entrypoint).observe(seconds * 1e6)
+        self.request_latency.observe((model_name, api, entrypoint), seconds * 1e6)
 
     def record_runtime(self, model_name: str, api: str, seconds: float) -> None:
-        self._child(self.runtime_latency, model_name, api, "TF2").observe(seconds * 1e6)
+        self.runtime_latency.observe((model_name, api, "TF2"), seconds * 1e6)
 
     def record_batch(
         self, model_name: str, size: int, padded_size: int, queue_delays: list[float]
     ) -> None:
         self.wrapped_run_count.inc()
-        self._child(self.input_batch_size, model_name, "predict").observe(size)
-        self._child(self.processed_batch_size, model_name, "predict").observe(padded_size)
-        self._child(self.padding_size, model_name, str(padded_size)).observe(padded_size - size)
-        queuing = self._child(self.queuing_latency, "batch_threads")
+        model = (model_name, "predict")
+        self.input_batch_size.observe(model, size)
+        self.processed_batch_size.observe(model, padded_size)
+        self.padding_size.observe((model_name, str(padded_size)), padded_size - size)
         for delay in queue_delays:
-            queuing.observe(delay * 1e6)
+            self.queuing_latency.observe(("batch_threads",), delay * 1e6)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""

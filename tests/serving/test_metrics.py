@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from convstack.serving.metrics import (
     DEFAULT_METRICS_PATH,
@@ -34,6 +35,27 @@ def test_batch_metrics():
     assert 'processed_batch_size_sum{model_name="digits",op_name="predict"} 8.0' in text
     assert 'input_batch_size_sum{model_name="digits",op_name="predict"} 5.0' in text
     assert 'queuing_latency_count{thread_pool_name="batch_threads"} 2.0' in text
+
+
+def test_histograms_count_cumulative_buckets_with_bounds_inclusive_and_no_created_series():
+    """Bucket `le` holds every observation <= it, +Inf all of them; like TF Serving's exporter
+    there is a `_sum` and a `_count` per label set and no `_created` timestamp series."""
+    metrics = ServingMetrics()
+    for size in (1, 2, 3, 70000):  # 2 is a bucket bound; 70000 is past the last (16384)
+        metrics.record_batch("digits", size=size, padded_size=size, queue_delays=[])
+    text = metrics.render()[0].decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    name = ":tensorflow:serving:batching_session:input_batch_size"
+    labels = (("model_name", "digits"), ("op_name", "predict"))
+    for le, count in (("1.0", 1), ("2.0", 2), ("4.0", 3), ("16384.0", 3), ("+Inf", 4)):
+        assert samples[(f"{name}_bucket", (("le", le), *labels))] == count, le
+    assert samples[(f"{name}_count", labels)] == 4
+    assert samples[(f"{name}_sum", labels)] == 70006
+    assert "_created" not in text
 
 
 @pytest.mark.parametrize(
