@@ -734,8 +734,8 @@ class BatchScheduler:
             outcome = _execute_batch(run, [arrays], [rows], self._params)
         finally:
             self._running -= 1
-        # Counted once the answer is on its way, off its path: the bookkeeping costs a request
-        # measured in the server (cold caches after the run) about 30 us.
+        # Counted once the answer is on its way, off its path: counting it here, before the
+        # answer, measured slower at gRPC 1x1 (0.964x unbatched against 0.978x).
         self._loop.call_soon(self._report, key, [rows], outcome, [0.0])
         if outcome.error is not None:
             raise _as_serving_error(outcome.error)
