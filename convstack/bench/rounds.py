@@ -3,7 +3,8 @@
 A benchmark names its variants (the things it compares) and gives one function per variant that
 measures it once and returns its figures (a dict of numbers). `run_rounds` calls them round by
 round, the variants' order rotated each round, so that slow drift on a shared machine (other
-work starting, thermal changes) falls on every variant alike. Around each call it samples:
+work starting, thermal changes) falls on every variant alike; variants a ratio compares closely
+can be named as a pair, measured back to back in every round. Around each call it samples:
 
 * the machine's busy CPU over the call (/proc/stat, in cores: 1.0 = one core busy throughout);
 * this process's CPU (`time.process_time`, every thread) and that of watched processes (a server
@@ -28,6 +29,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "DEFAULT_CONTENDED_CORES",
@@ -35,6 +39,7 @@ __all__ = [
     "machine_busy_seconds",
     "paired_ratio",
     "process_cpu_seconds",
+    "round_order",
     "run_rounds",
     "sample",
     "spread",
@@ -120,10 +125,35 @@ def _load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def rotated(names: Sequence[str], round_index: int) -> list[str]:
+def rotated(names: Sequence[T], round_index: int) -> list[T]:
     """The variants' order in a round: shifted by one each round."""
     shift = round_index % len(names) if names else 0
     return list(names[shift:]) + list(names[:shift])
+
+
+def round_order(
+    names: Sequence[str], round_index: int, pairs: Sequence[tuple[str, str]] = ()
+) -> list[str]:
+    """The variants' order in a round: rotated as `rotated` does, but each pair measured back to
+    back (one block in the rotation, its two swapped every other round), so a ratio of the two
+    never spans the other variants' measurements."""
+    partner = {}
+    for first, second in pairs:
+        if first == second or {first, second} & set(partner) or not {first, second} <= set(names):
+            raise ValueError(f"a pair must be two distinct variants, each in one pair: {pairs}")
+        partner[first] = partner[second] = (first, second)
+    blocks: list[tuple[str, ...]] = []
+    for name in names:
+        if name not in partner:
+            blocks.append((name,))
+        elif partner[name] not in blocks:
+            blocks.append(partner[name])
+    swap = round_index % 2 == 1
+    return [
+        name
+        for block in rotated(blocks, round_index)
+        for name in (reversed(block) if swap else block)
+    ]
 
 
 def run_rounds(
@@ -134,19 +164,21 @@ def run_rounds(
     contended_cores: float = DEFAULT_CONTENDED_CORES,
     reruns: int = 0,
     on_round: Callable[[dict], None] | None = None,
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> list[dict]:
     """Measure every variant `rounds` times, interleaved; one record per attempt.
 
     `variants[name]()` measures once and returns its figures. `watch(name)` gives the processes
     whose CPU belongs to that variant (e.g. its server: {"server": pid}). A contended attempt is
-    retried up to `reruns` times. Each record: round, variant, attempt, figures, seconds, cores,
-    load_average, contended, and `used` (False for an attempt a rerun replaced).
+    retried up to `reruns` times. Each of `pairs` is measured back to back (see `round_order`).
+    Each record: round, variant, attempt, figures, seconds, cores, load_average, contended, and
+    `used` (False for an attempt a rerun replaced).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     records: list[dict] = []
     for round_index in range(rounds):
-        for name in rotated(list(variants), round_index):
+        for name in round_order(list(variants), round_index, pairs):
             attempts = []
             for attempt in range(reruns + 1):
                 record = _measure_once(

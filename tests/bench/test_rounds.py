@@ -39,6 +39,27 @@ def test_variants_are_interleaved_and_rotated_round_by_round():
     assert all(r["used"] and not r["contended"] for r in records)
 
 
+def test_a_pair_is_measured_back_to_back_in_every_round_and_swapped_every_other_round():
+    orders = [rounds.round_order(list("abcde"), i, [("a", "b")]) for i in range(4)]
+    assert orders == [list("abcde"), list("cdeba"), list("deabc"), list("ebacd")]
+    # Without the pair, round 1 would put four measurements between a and b.
+    assert rounds.rotated(list("abcde"), 1) == list("bcdea")
+    order = []
+    variants = {name: (lambda n=name: order.append(n) or {"x": 1.0}) for name in "abc"}
+    rounds.run_rounds(variants, 2, contended_cores=float("inf"), pairs=[("a", "c")])
+    assert order == list("acbbca")
+
+
+@pytest.mark.parametrize(
+    "pairs",
+    [[("a", "a")], [("a", "b"), ("b", "c")], [("a", "z")]],
+    ids=["same", "shared", "unknown"],
+)
+def test_a_pair_must_be_two_distinct_known_variants_in_no_other_pair(pairs):
+    with pytest.raises(ValueError, match="a pair must be two distinct variants"):
+        rounds.round_order(list("abc"), 0, pairs)
+
+
 def test_own_cpu_counts_as_ours_and_a_watched_process_as_its_own():
     child = _spinner()
 
