@@ -22,6 +22,7 @@ from flatbuffers import flexbuffers
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 
+from convstack.common.logs import native_stderr_filtered, tf_min_level
 from convstack.serving.errors import Internal, InvalidArgument
 from convstack.serving.servable import DEFAULT_SIGNATURE, LoadError, Servable, load_version
 
@@ -102,8 +103,11 @@ class _Worker:
     """One interpreter and the input shapes it is allocated for."""
 
     def __init__(self, buffer: bytes):
-        self.interpreter = _interpreter(buffer)
-        self.interpreter.allocate_tensors()
+        # The first allocation in a process logs TFLite's "Created ... XNNPACK delegate" INFO
+        # line to file descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says: filtered to it here.
+        with native_stderr_filtered(tf_min_level()):
+            self.interpreter = _interpreter(buffer)
+            self.interpreter.allocate_tensors()
         self.shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
 
     def run(self, feeds: dict[int, np.ndarray], fetches: list[int]) -> list[np.ndarray]:

@@ -31,6 +31,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 from tensorflow.lite.tools import flatbuffer_utils
 
+from convstack.common.logs import native_stderr_filtered, tf_min_level
 from convstack.trainer import signatures
 from convstack.trainer.errors import ExportError
 
@@ -230,9 +231,14 @@ def _quiet_interpreter_deprecation():
 
 
 def _interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:
+    """An interpreter with its tensors allocated: the first allocation in a process logs
+    TFLite's "Created ... XNNPACK delegate" INFO line to file descriptor 2 whatever
+    TF_CPP_MIN_LOG_LEVEL says, so it runs with that descriptor filtered to the level."""
     source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-    with _quiet_interpreter_deprecation():
-        return tf.lite.Interpreter(**source, num_threads=num_threads)
+    with _quiet_interpreter_deprecation(), native_stderr_filtered(tf_min_level()):
+        loaded = tf.lite.Interpreter(**source, num_threads=num_threads)
+        loaded.allocate_tensors()
+    return loaded
 
 
 def interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:

@@ -46,6 +46,9 @@ QUIET_WARNINGS = (
 # initialised), thread id, file:line].
 _NATIVE_RECORD = re.compile(r"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] ")
 _SEVERITIES = "IWEF"  # a record shows when its position here >= TF_CPP_MIN_LOG_LEVEL
+# TensorFlow Lite's own logger writes "INFO: ..." (e.g. on creating its XNNPACK delegate for
+# every interpreter) whatever TF_CPP_MIN_LOG_LEVEL says; these take the same levels.
+_LITE_RECORD = re.compile(r"(INFO|WARNING|ERROR): ")
 _BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # On a machine with no CUDA driver at all, cuInit failing is that fact again, as an error.
 _NO_DRIVER = "Could not find cuda drivers on your machine"
@@ -106,13 +109,21 @@ def filter_native_lines(lines: Iterable[str], min_level: int) -> list[str]:
     for line in lines:
         if line.rstrip("\r\n") == _BANNER:
             continue
-        record = _NATIVE_RECORD.match(line)
-        if record:
-            below = _SEVERITIES.index(record[1]) < min_level
-            dropping = below or (no_driver and _NO_DRIVER_ECHO in line)
+        severity = _severity(line)
+        if severity is not None:
+            dropping = severity < min_level or (no_driver and _NO_DRIVER_ECHO in line)
         if not dropping:
             kept.append(line)
     return kept
+
+
+def _severity(line: str) -> int | None:
+    """A native record's severity as TF_CPP_MIN_LOG_LEVEL counts it; None for other lines."""
+    record = _NATIVE_RECORD.match(line)
+    if record:
+        return _SEVERITIES.index(record[1])
+    lite = _LITE_RECORD.match(line)
+    return _SEVERITIES.index(lite[1][0]) if lite else None
 
 
 @contextlib.contextmanager

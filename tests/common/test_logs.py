@@ -38,6 +38,13 @@ def test_cuinit_failure_is_kept_where_a_cuda_driver_exists():
     assert filter_native_lines([START_UP[2], cuinit], 2) == []  # no driver: it says nothing
 
 
+def test_tensorflow_lite_records_take_the_same_levels():
+    delegate = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
+    failure = "ERROR: Didn't find op for builtin opcode 'CONV_2D' version '9'.\n"
+    assert filter_native_lines([delegate, failure], 2) == [failure]
+    assert filter_native_lines([delegate], 0) == [delegate]
+
+
 def test_each_tf_level_keeps_what_tensorflow_would():
     lines = [START_UP[1], WARNING_RECORD, REAL_ERROR]
     assert filter_native_lines(lines, 0) == lines
@@ -116,3 +123,42 @@ def test_debug_brings_tensorflow_back():
     stderr = _run({"CONVSTACK_LOG_LEVEL": "DEBUG"})
     assert "I0000" in stderr and "tensorflow INFO line" in stderr
     assert "tf.data options" in stderr
+
+
+# A process that sets logging up and loads a TFLite model as the server does: the interpreter's
+# first allocation logs TFLite's XNNPACK notice whatever TF_CPP_MIN_LOG_LEVEL says.
+LITE_PROGRAM = """
+import logging, shutil, sys, tempfile
+from pathlib import Path
+from convstack.common.logs import configure_logging
+configure_logging()
+from convstack.serving.tflite import load_tflite_version
+root = Path(tempfile.mkdtemp())
+shutil.copytree(sys.argv[1], root / "m")
+load_tflite_version("m", 123, root / "m" / "00000123")
+logging.getLogger("convstack.x").info("loaded")
+"""
+
+
+def _run_lite(env_extra: dict[str, str]) -> str:
+    from tests.serving.conformance.conftest import upstream_testdata
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
+    env.pop("CONVSTACK_LOG_LEVEL", None)
+    model = upstream_testdata() / "saved_model_half_plus_two_tflite"
+    result = subprocess.run(
+        [sys.executable, "-c", LITE_PROGRAM, str(model)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, **env_extra},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
+
+
+@pytest.mark.slow
+def test_loading_a_tflite_model_says_nothing_of_tflite_s_own_unless_at_debug():
+    lines = _run_lite({}).splitlines()
+    assert len(lines) == 1 and lines[0].endswith("INFO convstack.x: loaded"), lines
+    assert "XNNPACK delegate" in _run_lite({"CONVSTACK_LOG_LEVEL": "DEBUG"})

@@ -201,6 +201,8 @@ def test_mixed_precision_run_with_tflite_export(tmp_path):
         *train_args(tmp_path, "--epochs", "2", "--replicas", "2", "--mixed-precision", "--tflite")
     )
     assert code == 0, stderr[-3000:]
+    # TFLite's own INFO line on its XNNPACK delegate, which ignores TF_CPP_MIN_LOG_LEVEL.
+    assert "XNNPACK" not in stderr
     version_dir = tmp_path / "models" / "digits" / "1"
     card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
     assert card["training"]["precision_policy"] == "mixed_bfloat16"
