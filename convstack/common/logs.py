@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -46,8 +47,8 @@ QUIET_WARNINGS = (
 # initialised), thread id, file:line].
 _NATIVE_RECORD = re.compile(r"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+\s+\d+ [^\]\s]+:\d+\] ")
 _SEVERITIES = "IWEF"  # a record shows when its position here >= TF_CPP_MIN_LOG_LEVEL
-# TensorFlow Lite's own logger writes "INFO: ..." (e.g. on creating its XNNPACK delegate for
-# every interpreter) whatever TF_CPP_MIN_LOG_LEVEL says; these take the same levels.
+# TensorFlow Lite's own logger writes "INFO: ..." (e.g. on creating its XNNPACK delegate)
+# whatever TF_CPP_MIN_LOG_LEVEL says; these take the same levels.
 _LITE_RECORD = re.compile(r"(INFO|WARNING|ERROR): ")
 _BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 # On a machine with no CUDA driver at all, cuInit failing is that fact again, as an error.
@@ -126,11 +127,24 @@ def _severity(line: str) -> int | None:
     return _SEVERITIES.index(lite[1][0]) if lite else None
 
 
+# Descriptor 2 and sys.stderr are the process's: one capture at a time (a server loads versions
+# on several threads), or the second would save the first's capture and restore it at its end,
+# sending the rest of the process's stderr into a deleted file. Nesting in one thread is LIFO.
+_CAPTURE_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def native_stderr_filtered(min_level: int) -> Iterator[None]:
     """Capture what C++ writes to file descriptor 2 while the block runs, then write it out
     through filter_native_lines. Python's own writes (sys.stderr, logging) bypass the capture
-    and appear at once, so a line printed just before os._exit is not lost."""
+    and appear at once, so a line printed just before os._exit is not lost. Other threads'
+    captures wait for this one."""
+    with _CAPTURE_LOCK, _captured_stderr(min_level):
+        yield
+
+
+@contextlib.contextmanager
+def _captured_stderr(min_level: int) -> Iterator[None]:
     python_stderr = sys.stderr
     python_stderr.flush()
     saved = os.dup(2)

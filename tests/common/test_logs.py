@@ -87,11 +87,12 @@ logging.getLogger("convstack.x").info("done")
 """
 
 
-def _run(env_extra: dict[str, str]) -> str:
+def _run(env_extra: dict[str, str], program: str = PROGRAM, *args: str) -> str:
+    """`program`'s stderr, run in a normal user's environment plus `env_extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
     env.pop("CONVSTACK_LOG_LEVEL", None)
     result = subprocess.run(
-        [sys.executable, "-c", PROGRAM],
+        [sys.executable, "-c", program, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -143,18 +144,8 @@ logging.getLogger("convstack.x").info("loaded")
 def _run_lite(env_extra: dict[str, str]) -> str:
     from tests.serving.conformance.conftest import upstream_testdata
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL",)}
-    env.pop("CONVSTACK_LOG_LEVEL", None)
     model = upstream_testdata() / "saved_model_half_plus_two_tflite"
-    result = subprocess.run(
-        [sys.executable, "-c", LITE_PROGRAM, str(model)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**env, **env_extra},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stderr
+    return _run(env_extra, LITE_PROGRAM, str(model))
 
 
 @pytest.mark.slow
@@ -162,3 +153,32 @@ def test_loading_a_tflite_model_says_nothing_of_tflite_s_own_unless_at_debug():
     lines = _run_lite({}).splitlines()
     assert len(lines) == 1 and lines[0].endswith("INFO convstack.x: loaded"), lines
     assert "XNNPACK delegate" in _run_lite({"CONVSTACK_LOG_LEVEL": "DEBUG"})
+
+
+# Two threads capture descriptor 2 in turn, the second starting before the first ends (as two
+# versions loading at once may): afterwards the process's stderr must still reach the terminal.
+OVERLAPPING_CAPTURES = """
+import os, threading
+from convstack.common.logs import native_stderr_filtered
+first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+def first():
+    with native_stderr_filtered(2):
+        first_in.set()
+        second_in.wait(2)
+    first_out.set()
+def second():
+    first_in.wait(10)
+    with native_stderr_filtered(2):
+        second_in.set()
+        first_out.wait(10)
+threads = [threading.Thread(target=first), threading.Thread(target=second)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+os.write(2, b"still on stderr\\n")
+"""
+
+
+def test_captures_on_two_threads_leave_stderr_where_it_was():
+    assert _run({}, OVERLAPPING_CAPTURES).splitlines() == ["still on stderr"]
