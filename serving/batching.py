@@ -273,8 +273,7 @@ def load_batching_parameters(path: str | os.PathLike[str]) -> BatchingParameters
 # --- merging and splitting tensors (run in the batch threads) --------------------------------
 
 
-@dataclass(frozen=True)
-class BatchStats:
+class BatchStats(NamedTuple):  # not a frozen dataclass: one is built for every batch, lone ones too
     """What one batch run looked like; handed to `on_batch` after the run."""
 
     key: Hashable
@@ -294,6 +293,8 @@ class _Outcome(NamedTuple):  # not a frozen dataclass: it is built on every requ
 
 def _round_up(allowed: tuple[int, ...], size: int) -> int:
     """TF Serving's RoundToLowestAllowedBatchSize."""
+    if not allowed:  # the usual case, on every request's path: no generator to build
+        return size
     return next((a for a in allowed if a >= size), size)
 
 

@@ -333,5 +333,6 @@ def _run_tasks(servable, plans, examples, fetches) -> dict[str, np.ndarray]:
 
 def _batch_key(model_name, version, signature_key, inputs, output_filter) -> tuple:
     """Requests merge only when everything but the batch dimension agrees."""
-    shapes = tuple(sorted((k, v.dtype.str, v.shape[1:]) for k, v in inputs.items()))
+    # dtype objects, not their `.str`, which builds a new string on every request.
+    shapes = tuple(sorted((k, v.dtype, v.shape[1:]) for k, v in inputs.items()))
     return (model_name, version, signature_key, tuple(output_filter), shapes)
