@@ -12,7 +12,6 @@ batch size runs) and re-allocates only when a shape changes.
 from __future__ import annotations
 
 import queue
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from flatbuffers import flexbuffers
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 
-from convstack.common.logs import native_stderr_filtered, tf_min_level
+from convstack.common.logs import quiet_tflite_interpreter
 from convstack.serving.errors import Internal, InvalidArgument
 from convstack.serving.servable import DEFAULT_SIGNATURE, LoadError, Servable, load_version
 
@@ -93,20 +92,12 @@ def _fix_names(
             info.name = legacy_name(info.name)
 
 
-def _interpreter(buffer: bytes) -> tf.lite.Interpreter:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's move-to-LiteRT notice
-        return tf.lite.Interpreter(model_content=buffer)
-
-
 class _Worker:
     """One interpreter and the input shapes it is allocated for."""
 
     def __init__(self, buffer: bytes):
-        # The first allocation in a process logs TFLite's "Created ... XNNPACK delegate" INFO
-        # line to file descriptor 2, whatever TF_CPP_MIN_LOG_LEVEL says: filtered to it here.
-        with native_stderr_filtered(tf_min_level()):
-            self.interpreter = _interpreter(buffer)
+        with quiet_tflite_interpreter():
+            self.interpreter = tf.lite.Interpreter(model_content=buffer)
             self.interpreter.allocate_tensors()
         self.shapes = {d["index"]: tuple(d["shape"]) for d in self.interpreter.get_input_details()}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.lite.python import schema_py_generated as tflite_schema
 from tensorflow.lite.tools import flatbuffer_utils
 
-from convstack.common.logs import native_stderr_filtered, tf_min_level
+from convstack.common.logs import quiet_tflite_deprecation, quiet_tflite_interpreter
 from convstack.trainer import signatures
 from convstack.trainer.errors import ExportError
 
@@ -90,7 +89,7 @@ def convert(
         )
     converter = _converter(saved_model_dir, quantization, representative_images)
     try:
-        with _quiet_interpreter_deprecation():  # int8 calibration runs the interpreter too
+        with quiet_tflite_deprecation():
             return converter.convert()
     except Exception as exc:  # the converter raises several unrelated types
         raise ExportError(
@@ -222,27 +221,17 @@ def conversion_source(model: keras.Model, version_dir: Path) -> Iterator[Path]:
         yield Path(scratch)
 
 
-@contextlib.contextmanager
-def _quiet_interpreter_deprecation():
-    # TF 2.21 warns that tf.lite.Interpreter moves to ai_edge_litert; it still works.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
-        yield
-
-
 def _interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:
-    """An interpreter with its tensors allocated: the first allocation in a process logs
-    TFLite's "Created ... XNNPACK delegate" INFO line to file descriptor 2 whatever
-    TF_CPP_MIN_LOG_LEVEL says, so it runs with that descriptor filtered to the level."""
+    """An interpreter with its tensors allocated, built without TFLite's chatter."""
     source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-    with _quiet_interpreter_deprecation(), native_stderr_filtered(tf_min_level()):
+    with quiet_tflite_interpreter():
         loaded = tf.lite.Interpreter(**source, num_threads=num_threads)
         loaded.allocate_tensors()
     return loaded
 
 
 def interpreter(model: Path | bytes, num_threads: int | None = None) -> tf.lite.Interpreter:
-    """A tf.lite.Interpreter of a file or flatbuffer (its deprecation notice silenced)."""
+    """A tf.lite.Interpreter of a file or flatbuffer, its tensors allocated (see _interpreter)."""
     return _interpreter(model, num_threads)
 
 

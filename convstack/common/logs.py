@@ -177,6 +177,24 @@ def _captured_stderr(min_level: int) -> Iterator[None]:
             python_stderr.flush()
 
 
+@contextlib.contextmanager
+def quiet_tflite_deprecation() -> Iterator[None]:
+    """TF 2.21's warning that tf.lite.Interpreter moves to ai_edge_litert (it still works),
+    given on every construction (int8 calibration constructs one too), silenced inside."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        yield
+
+
+@contextlib.contextmanager
+def quiet_tflite_interpreter() -> Iterator[None]:
+    """Build a tf.lite.Interpreter and allocate its tensors inside: its deprecation warning is
+    silenced, and what TFLite writes to descriptor 2 on the first allocation in a process (its
+    XNNPACK delegate's INFO line, which ignores TF_CPP_MIN_LOG_LEVEL) is filtered to that level."""
+    with quiet_tflite_deprecation(), native_stderr_filtered(tf_min_level()):
+        yield
+
+
 class _FilteredStartUp(importlib.abc.Loader):
     """TensorFlow's own loader, run with native stderr filtered; the first device search
     (where cuInit reports) happens inside too."""
