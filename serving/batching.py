@@ -33,7 +33,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -280,7 +280,7 @@ class BatchStats(NamedTuple):  # not a frozen dataclass: one is built for every 
     size: int  # real rows
     padded_size: int  # rows `run` saw
     num_tasks: int
-    queue_delay_seconds: list[float]  # per task: from submit to the batch starting
+    queue_delay_seconds: Sequence[float]  # per task: from submit to the batch starting
     run_seconds: float
 
 
@@ -394,6 +394,33 @@ def _execute_batch(
         return _Outcome(_split_outputs(outputs, sizes, padded), None, padded, seconds)
     except Exception as exc:
         return _Outcome(error=exc, padded_size=padded, run_seconds=seconds)
+
+
+_NOT_QUEUED = (0.0,)  # the queue delays of a task that ran as soon as it came
+
+
+def _run_whole(run: RunFn, inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Run one task that is a whole batch (nothing to merge, pad or cut); errors come out as
+    ServingErrors. Outputs that are not plain arrays of `rows` rows take `_split_outputs`, for
+    its conversion and its errors. Kept short because a lone request pays for every line: after
+    a TensorFlow run the interpreter's caches are cold, and the general merge and split measured
+    about three times their warm-loop cost there (5 us a request)."""
+    try:
+        outputs = run(inputs)
+    except Exception as exc:
+        raise _as_serving_error(exc) from None
+    try:
+        for array in outputs.values():
+            if not array.ndim or array.shape[0] != rows:
+                break
+        else:
+            return outputs
+    except AttributeError:  # not a mapping, or values that are not arrays
+        pass
+    try:
+        return _split_outputs(outputs, [rows], rows)[0]
+    except Exception as exc:
+        raise _as_serving_error(exc) from None
 
 
 def _as_serving_error(error: BaseException) -> ServingError:
@@ -597,7 +624,10 @@ INLINE_MAX_ELEMENTS = 1 << 12
 
 def small_enough_to_run_inline(inputs: Mapping[str, np.ndarray]) -> bool:
     """Whether a lone request's inputs are small enough to run on the event loop's thread."""
-    return sum(np.size(value) for value in inputs.values()) <= INLINE_MAX_ELEMENTS
+    elements = 0  # a loop, not sum() over a generator: this runs on every request
+    for value in inputs.values():
+        elements += value.size if isinstance(value, np.ndarray) else np.size(value)
+    return elements <= INLINE_MAX_ELEMENTS
 
 
 def _callbacks_waiting(loop: asyncio.AbstractEventLoop) -> bool:
@@ -628,6 +658,7 @@ class BatchScheduler:
         outstanding: Callable[[], int] | None = None,
     ) -> None:
         self._params = params
+        self._most_rows = params.execution_batch_size
         # How many requests are inside the server (the caller's count). When every one of them
         # already waits in a queue, no other task can join the open batch before its timeout:
         # it runs at once, on the loop's thread when nothing else runs, instead of waiting.
@@ -711,9 +742,10 @@ class BatchScheduler:
     def _alone(self, arrays: Mapping[str, np.ndarray], rows: int) -> bool:
         """Whether a task is the only request in the server, with nothing queued or running
         (see `outstanding`): its batch would hold it alone, so it runs at once, inline."""
-        if self._outstanding is None or self._running or self._outstanding() != 1:
+        outstanding = self._outstanding
+        if outstanding is None or self._running or outstanding() != 1:
             return False
-        if rows > self._params.execution_batch_size:
+        if rows > self._most_rows:
             return False  # split (or refused) as usual
         return small_enough_to_run_inline(arrays)
 
@@ -729,18 +761,25 @@ class BatchScheduler:
     def _run_alone(self, key, arrays, rows: int, run: RunFn) -> dict[str, np.ndarray]:
         """Run a lone task as a batch of its own on the loop's thread: padded as any batch,
         counted in the batch metrics, but without the queue, its future and the two loop
-        iterations of a dispatch, which cost a lone small request more than its run."""
-        self._running += 1
-        try:
+        iterations of a dispatch, which cost a lone small request more than its run.
+
+        Nothing else runs on the loop meanwhile, so no other task can see it running. A task
+        that fills its batch exactly (no allowed size above it, no padding of dimensions) has
+        nothing to merge or cut and goes straight to `run`: at concurrency 1 every request
+        takes this path, and each line on it is paid once per request (see _run_whole)."""
+        if self._params.pad_variable_length_inputs or (
+            _round_up(self._params.allowed_batch_sizes, rows) != rows
+        ):
             outcome = _execute_batch(run, [arrays], [rows], self._params)
+            self._report(key, [rows], outcome, _NOT_QUEUED)
+            if outcome.error is not None:
+                raise _as_serving_error(outcome.error)
+            return outcome.outputs[0]
+        started = time.perf_counter()
+        try:
+            return _run_whole(run, arrays, rows)
         finally:
-            self._running -= 1
-        # Counted once the answer is on its way, off its path: counting it here, before the
-        # answer, measured slower at gRPC 1x1 (0.964x unbatched against 0.978x).
-        self._loop.call_soon(self._report, key, [rows], outcome, [0.0])
-        if outcome.error is not None:
-            raise _as_serving_error(outcome.error)
-        return outcome.outputs[0]
+            self._notify(BatchStats(key, rows, rows, 1, _NOT_QUEUED, time.perf_counter() - started))
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()
@@ -894,16 +933,14 @@ class BatchScheduler:
         request.future.set_result(joined)
 
     def _report(self, key, sizes: list[int], outcome: _Outcome, delays: list[float]):
-        if self._on_batch is None or outcome.padded_size is None:
+        if outcome.padded_size is not None:  # None: the batch never reached `run`
+            stats = BatchStats(key, sum(sizes), outcome.padded_size, len(sizes), delays,
+                               outcome.run_seconds)  # fmt: skip
+            self._notify(stats)
+
+    def _notify(self, stats: BatchStats) -> None:
+        if self._on_batch is None:
             return
-        stats = BatchStats(
-            key=key,
-            size=sum(sizes),
-            padded_size=outcome.padded_size,
-            num_tasks=len(sizes),
-            queue_delay_seconds=delays,
-            run_seconds=outcome.run_seconds,
-        )
         try:
             self._on_batch(stats)
         except Exception:  # a metrics hook must not break serving

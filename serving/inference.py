@@ -272,7 +272,7 @@ class InferenceService:
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.record_batch(
-            stats.key[0], stats.size, stats.padded_size, list(stats.queue_delay_seconds)
+            stats.key[0], stats.size, stats.padded_size, stats.queue_delay_seconds
         )
 
     # --- metadata, status, config -------------------------------------------------------------

@@ -7,6 +7,11 @@ Histograms (same bucket layout as TF Serving: microseconds, exponential) are cou
 rendered by prometheus_client through its custom-collector interface: its own Histogram takes a
 lock per bucket counter and scans the buckets one by one, and a lone batched request's five
 observations measured 26 us of its time in the server (against a few us here).
+
+Batches are tallied rather than observed: a batch's five observations depend only on its model,
+sizes and how many of its tasks did not wait, so each batch adds one to a count under one lock,
+and the counts are folded into the histograms when they are read. At concurrency 1 with
+batching on, every request is a batch of its own, and this is the cost batching adds to it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import bisect
 import itertools
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,15 +125,15 @@ class _HistogramFamily:
         self._series: dict[tuple[str, ...], list[float]] = {}
         self._lock = threading.Lock()
 
-    def observe(self, label_values: tuple[str, ...], value: float) -> None:
-        """Count `value` in its bucket: the first whose upper bound is >= value."""
+    def observe(self, label_values: tuple[str, ...], value: float, times: int = 1) -> None:
+        """Count `value` (`times` over) in its bucket: the first whose upper bound is >= value."""
         bucket = bisect.bisect_left(self._bounds, value)
         with self._lock:
             series = self._series.get(label_values)
             if series is None:
                 series = self._series[label_values] = [0] * len(self._le) + [0.0]
-            series[bucket] += 1
-            series[-1] += value
+            series[bucket] += times
+            series[-1] += value * times
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
@@ -196,6 +201,10 @@ class ServingMetrics:
             ("model_name", "execution_batch_size"),
             BATCH_SIZE_BUCKETS,
         )
+        # Batches not yet in the five families above: (model, size, padded size, tasks that
+        # did not queue) -> count. Bounded: sizes are at most the largest batch, per model.
+        self._batches: Counter[tuple[str, int, int, int]] = Counter()
+        self._batches_lock = threading.Lock()
 
     def _histogram(self, name, documentation, labels, buckets) -> _HistogramFamily:
         family = _HistogramFamily(name, documentation, labels, buckets)
@@ -213,17 +222,30 @@ class ServingMetrics:
         self.runtime_latency.observe((model_name, api, "TF2"), seconds * 1e6)
 
     def record_batch(
-        self, model_name: str, size: int, padded_size: int, queue_delays: list[float]
+        self, model_name: str, size: int, padded_size: int, queue_delays: Sequence[float]
     ) -> None:
-        self.wrapped_run_count.inc()
-        model = (model_name, "predict")
-        self.input_batch_size.observe(model, size)
-        self.processed_batch_size.observe(model, padded_size)
-        self.padding_size.observe((model_name, str(padded_size)), padded_size - size)
-        for delay in queue_delays:
+        """One batch run: its real and padded rows, and each task's wait in the queue (s)."""
+        waited = [delay for delay in queue_delays if delay > 0] if any(queue_delays) else ()
+        with self._batches_lock:
+            self._batches[model_name, size, padded_size, len(queue_delays) - len(waited)] += 1
+        for delay in waited:
             self.queuing_latency.observe(("batch_threads",), delay * 1e6)
+
+    def _fold_batches(self) -> None:
+        """Move the tallied batches into the batching-session families."""
+        with self._batches_lock:
+            batches, self._batches = self._batches, Counter()
+        for (model_name, size, padded_size, unqueued), count in batches.items():
+            self.wrapped_run_count.inc(amount=count)
+            model = (model_name, "predict")
+            self.input_batch_size.observe(model, size, count)
+            self.processed_batch_size.observe(model, padded_size, count)
+            self.padding_size.observe((model_name, str(padded_size)), padded_size - size, count)
+            if unqueued:
+                self.queuing_latency.observe(("batch_threads",), 0.0, unqueued * count)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
+        self._fold_batches()
         counters = "".join(c.exposition() for c in (self.request_count, self.wrapped_run_count))
         return counters.encode() + generate_latest(self.registry), CONTENT_TYPE_LATEST

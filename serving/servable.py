@@ -370,17 +370,20 @@ def _check_dtype(expected: TensorInfo, array: np.ndarray) -> None:
 
 def _check_batch(arrays: Mapping[str, np.ndarray]) -> None:
     # Requests merged into one batch are cut apart again along dimension 0.
-    if (
-        any(array.ndim == 0 for array in arrays.values())
-        or len({array.shape[0] for array in arrays.values()}) > 1
-    ):
-        sizes = ", ".join(
-            f'"{alias}" has shape {_format_shape(array.shape)}'
-            for alias, array in sorted(arrays.items())
-        )
-        raise InvalidArgument(
-            "Batching session Run() input tensors must have equal 0th-dimension size: " + sizes
-        )
+    rows = None  # a loop, not sets and generators: it runs on every batched request
+    for array in arrays.values():
+        if not array.ndim or rows not in (None, array.shape[0]):
+            break
+        rows = array.shape[0]
+    else:
+        return
+    sizes = ", ".join(
+        f'"{alias}" has shape {_format_shape(array.shape)}'
+        for alias, array in sorted(arrays.items())
+    )
+    raise InvalidArgument(
+        "Batching session Run() input tensors must have equal 0th-dimension size: " + sizes
+    )
 
 
 def _check_output_filter(signature: SignatureInfo, output_filter: Sequence[str]) -> None:

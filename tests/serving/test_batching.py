@@ -25,6 +25,7 @@ from convstack.serving.errors import (
     FailedPrecondition,
     Internal,
     InvalidArgument,
+    ServingError,
     Unavailable,
 )
 
@@ -769,4 +770,61 @@ def test_a_lone_request_is_counted_as_a_batch_of_one_task():
     assert model.threads == [threading.main_thread()]
     (stats,) = seen
     assert (stats.key, stats.size, stats.padded_size, stats.num_tasks) == ("k", 1, 4, 1)
-    assert stats.queue_delay_seconds == [0.0]
+    assert list(stats.queue_delay_seconds) == [0.0]
+
+
+def _lone(run, *, max_batch_size=8, seen=None, **options):
+    """Submit one 2-row task to a scheduler that knows it is alone; its outcome or error."""
+
+    async def main():
+        scheduler = BatchScheduler(
+            params(max_batch_size=max_batch_size, **options),
+            outstanding=lambda: 1,
+            on_batch=None if seen is None else seen.append,
+        )
+        try:
+            return await scheduler.submit("k", rows(1, 2), run)
+        except ServingError as error:
+            return error
+        finally:
+            await scheduler.close()
+
+    return run_async(main())
+
+
+def test_a_lone_task_that_fills_its_batch_is_counted_with_its_rows_and_run_time():
+    """No allowed size above it, nothing to pad: the task goes straight to `run` (nothing to
+    merge or cut), and is still counted as a batch of one task that did not queue."""
+    model, seen = Model(), []
+    result = _lone(model, seen=seen)
+    assert result["y"].tolist() == [[2.0], [4.0]]
+    assert model.sizes == [2]
+    (stats,) = seen
+    assert (stats.key, stats.size, stats.padded_size, stats.num_tasks) == ("k", 2, 2, 1)
+    assert list(stats.queue_delay_seconds) == [0.0]
+    assert stats.run_seconds > 0
+
+
+def test_a_lone_task_whose_run_fails_gets_the_error_and_is_still_counted():
+    seen = []
+    error = _lone(Model(fail_first=InvalidArgument("bad pixels")), seen=seen)
+    assert isinstance(error, InvalidArgument) and error.message == "bad pixels"
+    assert [(stats.size, stats.padded_size) for stats in seen] == [(2, 2)]
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [{"y": np.zeros((1, 1))}, {"y": np.float32(3.0)}, [np.zeros((2, 1))]],
+    ids=["too few rows", "a scalar", "not a mapping"],
+)
+def test_a_lone_tasks_outputs_get_the_batch_output_checks(outputs):
+    """The shortcut past merge and split keeps split's checks: outputs must be a mapping of
+    tensors with the task's rows along dimension 0, else INTERNAL (as for merged batches)."""
+    error = _lone(lambda inputs: outputs)
+    assert isinstance(error, Internal), error
+    assert error.message.startswith(("Batched output tensor 'y'", "The batched run returned"))
+
+
+def test_a_lone_tasks_outputs_that_are_not_arrays_come_back_as_arrays():
+    result = _lone(lambda inputs: {"y": [[1.0], [2.0]]})
+    assert isinstance(result["y"], np.ndarray) and result["y"].shape == (2, 1)

@@ -95,3 +95,38 @@ def test_bad_monitoring_config_names_the_line_and_field():
     message = str(caught.value)
     assert message.startswith("mon.config:3: "), message
     assert 'no field named "colour"' in message
+
+
+def _samples(metrics: ServingMetrics) -> dict:
+    text = metrics.render()[0].decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_batches_keep_counting_across_scrapes_and_tasks_that_did_not_queue_count_as_zero():
+    """Batches are tallied and folded into the families when read: a scrape between batches
+    must neither lose nor double what came before it, and a task that ran at once is one
+    queuing-latency observation of 0 us (the lowest bucket)."""
+    metrics = ServingMetrics()
+    for _ in range(2):
+        metrics.record_batch("digits", size=1, padded_size=1, queue_delays=(0.0,))
+    first = _samples(metrics)
+    metrics.record_batch("digits", size=1, padded_size=1, queue_delays=(0.0,))
+    metrics.record_batch("digits", size=3, padded_size=4, queue_delays=[0.0, 0.0005, 0.002])
+    second = _samples(metrics)
+    # The parser adds `_total` to counter samples; the exposition has none (test above).
+    runs = (":tensorflow:serving:batching_session:wrapped_run_count_total", ())
+    sizes = ":tensorflow:serving:batching_session:input_batch_size"
+    model = (("model_name", "digits"), ("op_name", "predict"))
+    queuing = ":tensorflow:serving:batching_session:queuing_latency"
+    pool = (("thread_pool_name", "batch_threads"),)
+    assert (first[runs], second[runs]) == (2, 4)
+    assert (first[f"{sizes}_sum", model], second[f"{sizes}_sum", model]) == (2, 6)
+    assert second[f"{queuing}_count", pool] == 6
+    assert second[f"{queuing}_bucket", (("le", "100.0"), *pool)] == 4  # the four zeros
+    assert second[f"{queuing}_sum", pool] == pytest.approx(2500)
+    padding = (("execution_batch_size", "4"), ("model_name", "digits"))
+    assert second[":tensorflow:serving:batching_session:padding_size_sum", padding] == 1
