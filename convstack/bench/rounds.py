@@ -15,7 +15,8 @@ What the machine used beyond this process and the watched ones is `other_cores`:
 exceeds `contended_cores` is flagged `contended` and, with `reruns`, measured again (every attempt
 stays in the record; the summary uses each round's last attempt and counts the contended ones it
 kept). `summarize` gives each figure's median and min-max over the rounds, `paired_ratio` the
-ratio of two variants round by round (both were measured back to back) and of their medians.
+ratio of two variants round by round (both were measured back to back) and of their medians,
+with a 95 % interval for the median of the round-by-round ratios (`median_interval`).
 
 Pure statistics apart from the sampling functions at the top; Linux's /proc gives the CPU
 figures, elsewhere they are None and no round is flagged.
@@ -23,6 +24,7 @@ figures, elsewhere they are None and no round is flagged.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -37,6 +39,7 @@ __all__ = [
     "DEFAULT_CONTENDED_CORES",
     "Sample",
     "machine_busy_seconds",
+    "median_interval",
     "paired_ratio",
     "process_cpu_seconds",
     "round_order",
@@ -223,6 +226,24 @@ def spread(values: Sequence[float | None]) -> dict:
     }
 
 
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """A distribution-free interval for the median of `values`: the k-th smallest and k-th
+    largest, with the largest k whose coverage (from the binomial distribution of how many
+    values fall below the median) is at least `confidence`. With too few values for that
+    (under 6 at 95 %), the whole range, with the coverage it has."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return {"low": None, "high": None, "confidence": None}
+    k, coverage = 1, 1 - 2 * 0.5**n  # [min, max] misses only if every value is on one side
+    while k < n // 2:
+        wider = 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) * 0.5**n
+        if wider < confidence:
+            break
+        k, coverage = k + 1, wider
+    return {"low": ordered[k - 1], "high": ordered[n - k], "confidence": coverage}
+
+
 def used(records: Sequence[dict], variant: str) -> list[dict]:
     """The records of a variant the summary counts (each round's last attempt), by round."""
     chosen = [r for r in records if r["variant"] == variant and r.get("used", True)]
@@ -268,7 +289,11 @@ def paired_ratio(records: Sequence[dict], numerator: str, denominator: str, key:
     top_median = spread(list(top.values()))["median"]
     bottom_median = spread(list(bottom.values()))["median"]
     of_medians = top_median / bottom_median if top_median is not None and bottom_median else None
-    return {"of_medians": of_medians, "per_round": spread(per_round)}
+    return {
+        "of_medians": of_medians,
+        "per_round": spread(per_round),
+        "per_round_median_interval": median_interval(per_round),
+    }
 
 
 def machine_state() -> dict:

@@ -141,6 +141,22 @@ def test_summary_gives_median_min_max_and_paired_ratios():
     ratio = rounds.paired_ratio(records, "a", "b", "rps")
     assert ratio["of_medians"] == pytest.approx(2.0)
     assert ratio["per_round"] == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    assert ratio["per_round_median_interval"]["low"] == 1.0  # 3 rounds: only the whole range
+
+
+@pytest.mark.parametrize(
+    ("n", "ranks", "coverage"),
+    [(5, (1, 5), 0.9375), (6, (1, 6), 0.96875), (10, (2, 9), 0.97852), (20, (6, 15), 0.95861)],
+)
+def test_median_interval_takes_the_order_statistics_of_the_binomial_table(n, ranks, coverage):
+    """The k-th smallest and largest of n values hold the median with the binomial coverage:
+    at 95 %, ranks 2 and 9 of 10 and 6 and 15 of 20 (the usual table); under 6 values nothing
+    narrower than the whole range reaches 95 %."""
+    values = [float(v) for v in range(n, 0, -1)]  # unsorted on purpose
+    interval = rounds.median_interval(values)
+    assert (interval["low"], interval["high"]) == ranks
+    assert interval["confidence"] == pytest.approx(coverage, abs=1e-5)
+    assert rounds.median_interval([])["low"] is None
 
 
 def test_spread_of_nothing_and_rounds_must_be_positive():

@@ -1,6 +1,6 @@
 """`convstack bench serve`: a missing model is a usage error, shapes parse, the goals are judged
-from the medians, and a very short run on the tiny model keeps every interleaved round with its
-CPU figures and summarizes them."""
+from the medians (batching round by round), and a very short run on the tiny model keeps every
+interleaved round with its CPU figures and summarizes them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 
 import pytest
 
+from convstack.bench import rounds
 from convstack.bench.serve import (
     DEFAULT_SHAPES,
     PROTOCOLS,
@@ -50,6 +51,16 @@ def _summary(rps: float, p50: float = 1.0, p99: float = 2.0) -> dict:
     return {"throughput": figure(rps), "latency_ms.p50": figure(p50), "latency_ms.p99": figure(p99)}
 
 
+def _pair(per_round: list[float]) -> dict:
+    """compute_ratios' batched/unbatched entry for these round-by-round ratios."""
+    records = [
+        {"round": i, "variant": name, "figures": {"throughput": value}}
+        for i, ratio in enumerate(per_round)
+        for name, value in (("batched", 100.0 * ratio), ("unbatched", 100.0))
+    ]
+    return rounds.paired_ratio(records, "batched", "unbatched", "throughput")
+
+
 def test_goals_judge_batching_the_peer_and_the_overhead_from_medians():
     names = ["unbatched", "batched", "kserve", "kserve-gc-freeze"]
     summaries = {
@@ -66,8 +77,12 @@ def test_goals_judge_batching_the_peer_and_the_overhead_from_medians():
             "kserve-gc-freeze": _summary(100, p99=55.0),
         },
     }
+    ratios = {
+        "grpc/b1/c1": {"batched/unbatched": _pair([0.95, 0.96, 0.97] * 7)},
+        "rest/b32/c4": {"batched/unbatched": _pair([1.6] * 20)},
+    }
     floor = {"1": {"latency_ms": {"p50": 0.5}}}
-    goals = evaluate_goals(summaries, floor, names)
+    goals = evaluate_goals(summaries, floor, names, ratios)
     assert goals["batching_not_slower/grpc/b1/c1"]["met"] is False
     assert goals["batching_not_slower/rest/b32/c4"]["measured"] == pytest.approx(1.6)
     ahead = goals["ahead_of_kserve_gc_freeze/grpc/b1/c1"]
@@ -78,8 +93,22 @@ def test_goals_judge_batching_the_peer_and_the_overhead_from_medians():
     overhead = goals["grpc_batch1_p50_overhead_ms"]
     assert overhead["measured"] == pytest.approx(0.7) and overhead["met"] is True
     assert not any(key.startswith("ahead") for key in evaluate_goals(
-        {"grpc/b1/c1": {"unbatched": _summary(1)}}, {}, ["unbatched"]
+        {"grpc/b1/c1": {"unbatched": _summary(1)}}, {}, ["unbatched"], {}
     ))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("per_round", "met"),
+    [
+        ([0.99, 1.0, 1.01] * 7, True),  # equal within the noise: the interval holds 1
+        ([0.98] * 10 + [1.0] * 10, True),  # a median below 1, an interval reaching it
+        ([0.985] * 15 + [1.02] * 5, False),  # 15 of 20 below: the interval stops short of 1
+        ([1.3] * 5, True),
+    ],
+)
+def test_batching_is_slower_only_when_the_median_ratios_interval_lies_below_one(per_round, met):
+    goal = evaluate_goals({"k": {}}, {}, [], {"k": {"batched/unbatched": _pair(per_round)}})
+    assert goal["batching_not_slower/k"]["met"] is met
 
 
 def test_both_servers_get_the_same_thread_flags_default_one_each(tmp_path):
