@@ -80,7 +80,7 @@ bench-train: setup
 
 # Needs an exported model: run `make demo` first.
 bench-serve: setup
-	$(CONVSTACK) bench serve --model-base $(DEMO_DIR)/models --model-name digits \
+	$(CONVSTACK) bench serve --control --model-base $(DEMO_DIR)/models --model-name digits \
 		--out bench-results/serve.json
 
 # The same against KServe's Python server, side by side (its venv is made once, cached under
@@ -92,7 +92,7 @@ bench-peer: setup
 	test -d $(BENCH_MODELS)/digits/1 || $(CONVSTACK) train --data digits --replicas 1 --epochs 10 \
 		--tflite int8 --model-base $(BENCH_MODELS) --model-name digits \
 		--run-dir build/bench/runs/digits --progress log
-	$(CONVSTACK) bench serve --peer kserve --model-base $(BENCH_MODELS) --model-name digits \
+	$(CONVSTACK) bench serve --peer kserve --control --model-base $(BENCH_MODELS) --model-name digits \
 		--out bench-results/serve-peer.json
 
 # Every in-process inference path of one version (SavedModel, XLA, TFLite, Keras); trains its

@@ -4,7 +4,7 @@ A benchmark names its variants (the things it compares) and gives one function p
 measures it once and returns its figures (a dict of numbers). `run_rounds` calls them round by
 round, the variants' order rotated each round, so that slow drift on a shared machine (other
 work starting, thermal changes) falls on every variant alike; variants a ratio compares closely
-can be named as a pair, measured back to back in every round. Around each call it samples:
+can be named as a group, measured back to back in every round. Around each call it samples:
 
 * the machine's busy CPU over the call (/proc/stat, in cores: 1.0 = one core busy throughout);
 * this process's CPU (`time.process_time`, every thread) and that of watched processes (a server
@@ -135,28 +135,32 @@ def rotated(names: Sequence[T], round_index: int) -> list[T]:
 
 
 def round_order(
-    names: Sequence[str], round_index: int, pairs: Sequence[tuple[str, str]] = ()
+    names: Sequence[str], round_index: int, groups: Sequence[tuple[str, ...]] = ()
 ) -> list[str]:
-    """The variants' order in a round: rotated as `rotated` does, but each pair measured back to
-    back (one block in the rotation, its two swapped every other round), so a ratio of the two
-    never spans the other variants' measurements."""
-    partner = {}
-    for first, second in pairs:
-        if first == second or {first, second} & set(partner) or not {first, second} <= set(names):
-            raise ValueError(f"a pair must be two distinct variants, each in one pair: {pairs}")
-        partner[first] = partner[second] = (first, second)
+    """The variants' order in a round: rotated as `rotated` does, but each group (two or more
+    variants) measured back to back: one block in the rotation, itself rotated each round (a
+    pair swaps every other round), so a ratio within a group never spans the other variants'
+    measurements."""
+    group_of: dict[str, tuple[str, ...]] = {}
+    for group in groups:
+        members = set(group)
+        if (
+            len(members) < 2
+            or len(members) < len(group)
+            or members & set(group_of)
+            or (not members <= set(names))
+        ):
+            raise ValueError(
+                f"a group must be two or more distinct variants, each in one group: {groups}"
+            )
+        group_of.update((name, tuple(group)) for name in group)
     blocks: list[tuple[str, ...]] = []
     for name in names:
-        if name not in partner:
+        if name not in group_of:
             blocks.append((name,))
-        elif partner[name] not in blocks:
-            blocks.append(partner[name])
-    swap = round_index % 2 == 1
-    return [
-        name
-        for block in rotated(blocks, round_index)
-        for name in (reversed(block) if swap else block)
-    ]
+        elif group_of[name] not in blocks:
+            blocks.append(group_of[name])
+    return [name for block in rotated(blocks, round_index) for name in rotated(block, round_index)]
 
 
 def run_rounds(
@@ -167,13 +171,13 @@ def run_rounds(
     contended_cores: float = DEFAULT_CONTENDED_CORES,
     reruns: int = 0,
     on_round: Callable[[dict], None] | None = None,
-    pairs: Sequence[tuple[str, str]] = (),
+    groups: Sequence[tuple[str, ...]] = (),
 ) -> list[dict]:
     """Measure every variant `rounds` times, interleaved; one record per attempt.
 
     `variants[name]()` measures once and returns its figures. `watch(name)` gives the processes
     whose CPU belongs to that variant (e.g. its server: {"server": pid}). A contended attempt is
-    retried up to `reruns` times. Each of `pairs` is measured back to back (see `round_order`).
+    retried up to `reruns` times. Each of `groups` is measured back to back (see `round_order`).
     Each record: round, variant, attempt, figures, seconds, cores, load_average, contended, and
     `used` (False for an attempt a rerun replaced).
     """
@@ -181,7 +185,7 @@ def run_rounds(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     records: list[dict] = []
     for round_index in range(rounds):
-        for name in round_order(list(variants), round_index, pairs):
+        for name in round_order(list(variants), round_index, groups):
             attempts = []
             for attempt in range(reruns + 1):
                 record = _measure_once(

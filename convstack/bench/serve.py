@@ -60,10 +60,13 @@ BATCHING_PARAMETERS = {
     "num_batch_threads": 4,
     "max_enqueued_batches": 64,
 }
-SERVER_KINDS = {"unbatched": False, "batched": True}
+# With --control, a second unbatched server: what two identical servers differ by (the instance
+# a process happens to be, and the round-to-round noise), shown beside batched / unbatched.
+CONTROL = "unbatched-again"
+SERVER_KINDS = {"unbatched": False, "batched": True, CONTROL: False}  # kind: batching on
 # Measured back to back in every round: batching's goal is their ratio, a few per cent either
 # way, and this VM's speed drifts by more than that over the seconds the other variants take.
-BATCHING_PAIR = ("unbatched", "batched")
+BATCHING_GROUP = ("unbatched", "batched", CONTROL)
 # Our servers (the goals compare the fastest of them with the peer).
 OURS = ("unbatched", "batched", "tflite")
 PEERS = ("kserve",)
@@ -171,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-batched", action="store_true", help="leave out convstack's batching server"
+    )
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help=f"also serve a second unbatched server ({CONTROL}), measured beside the other two: "
+        "its ratio to the first shows how far two identical servers differ",
     )
     parser.add_argument(
         "--no-tflite",
@@ -316,7 +325,7 @@ def start_variants(args, model_dir: Path, version_dir: Path, workdir: Path) -> l
     started: list[Variant] = []
     try:
         for kind in SERVER_KINDS:
-            if kind == "batched" and args.no_batched:
+            if (kind == "batched" and args.no_batched) or (kind == CONTROL and not args.control):
                 continue
             flags = server_flags(kind, workdir, threads)
             server = ServerProcess.start(args.model_name, model_dir, workdir / f"{kind}.log", flags)
@@ -525,9 +534,15 @@ def measure_shapes(args, variants: list[Variant], inputs_by_batch) -> dict[str, 
                 contended_cores=args.contended_cores,
                 reruns=args.reruns,
                 on_round=report,
-                pairs=[BATCHING_PAIR] if set(BATCHING_PAIR) <= set(measures) else [],
+                groups=_batching_group(measures),
             )
     return results
+
+
+def _batching_group(measured) -> list[tuple[str, ...]]:
+    """The servers batching's goal compares, as one back-to-back group (if two or more run)."""
+    group = tuple(name for name in BATCHING_GROUP if name in measured)
+    return [group] if len(group) >= 2 and "unbatched" in group else []
 
 
 # --- statistics and goals ---------------------------------------------------------------------
@@ -551,10 +566,11 @@ def compute_ratios(records_by_shape: dict[str, list[dict]], names: list[str]) ->
     ratios: dict = {}
     for key, records in records_by_shape.items():
         shape: dict = {}
-        if {"batched", "unbatched"} <= set(names):
-            shape["batched/unbatched"] = rounds_lib.paired_ratio(
-                records, "batched", "unbatched", "throughput"
-            )
+        for other in ("batched", CONTROL):
+            if {other, "unbatched"} <= set(names):
+                shape[f"{other}/unbatched"] = rounds_lib.paired_ratio(
+                    records, other, "unbatched", "throughput"
+                )
         for ours in _ours(names):
             for peer in (name for name in names if name in PEER_KINDS):
                 shape[f"{ours}/{peer}"] = rounds_lib.paired_ratio(records, ours, peer, "throughput")
@@ -573,9 +589,11 @@ def evaluate_goals(summaries: dict, floor: dict, names: list[str], ratios: dict)
     `compute_ratios`' answer."""
     goals: dict = {}
     for key, by_variant in summaries.items():
-        pair = ratios.get(key, {}).get("batched/unbatched")
-        if pair is not None:
-            goals[f"batching_not_slower/{key}"] = _batching_goal(pair)
+        shape_ratios = ratios.get(key, {})
+        if "batched/unbatched" in shape_ratios:
+            goals[f"batching_not_slower/{key}"] = _batching_goal(
+                shape_ratios["batched/unbatched"], shape_ratios.get(f"{CONTROL}/unbatched")
+            )
         if "kserve-gc-freeze" in by_variant:
             goals[f"ahead_of_kserve_gc_freeze/{key}"] = _peer_goal(by_variant, names)
     grpc_b1c1 = summaries.get(shape_key("grpc", 1, 1), {}).get("unbatched")
@@ -590,14 +608,23 @@ def evaluate_goals(summaries: dict, floor: dict, names: list[str], ratios: dict)
     return goals
 
 
-def _batching_goal(pair: dict) -> dict:
+def _batching_goal(pair: dict, control: dict | None = None) -> dict:
     """Batched over unbatched, judged round by round (the two run back to back in each round):
     slower only when the 95 % interval of the median ratio lies wholly below 1. Two servers of
     equal speed measure a median above or below 1 by chance; a demand that the point estimate
     reach 1 would pass or fail them at random, while a real gap of a few per cent over 20
-    rounds puts the whole interval below 1."""
+    rounds puts the whole interval below 1. With a control (a second unbatched server), its
+    ratio to the first is kept beside: the gap that two identical servers show."""
     interval = pair["per_round_median_interval"]
+    same = None
+    if control is not None:
+        spread = control["per_round_median_interval"]
+        same = {
+            "measured": control["per_round"]["median"],
+            "interval": [spread["low"], spread["high"]],
+        }
     return {
+        "control": same,
         "target": ">= 1.0 (the median of the round-by-round ratios; slower only if its 95 % "
         "interval lies below 1)",
         "measured": pair["per_round"]["median"],
@@ -807,10 +834,9 @@ def summary_table(report: dict) -> str:
             rows.append(f"{key}: {text}")
     for name, goal in report["goals"].items():
         verdict = "met" if goal["met"] else "NOT met"
-        interval = goal.get("interval")
-        spread = "" if interval is None else f" [95 %: {_fmt(interval[0])}-{_fmt(interval[1])}]"
         rows.append(
-            f"goal {name} {goal['target']}: measured {_fmt(goal['measured'])}{spread}, {verdict}"
+            f"goal {name} {goal['target']}: measured {_fmt(goal['measured'])}"
+            f"{_interval_text(goal.get('interval'))}, {verdict}{_control_text(goal.get('control'))}"
         )
     rows.append(_threads_text(report))
     if report.get("tflite"):
@@ -822,6 +848,19 @@ def summary_table(report: dict) -> str:
             f"{report['contended_cores']} cores (flagged in the JSON): the figures are noisy"
         )
     return "\n".join(rows)
+
+
+def _interval_text(interval: list | None) -> str:
+    return "" if interval is None else f" [95 %: {_fmt(interval[0])}-{_fmt(interval[1])}]"
+
+
+def _control_text(control: dict | None) -> str:
+    if control is None:
+        return ""
+    return (
+        f" (two identical unbatched servers: {_fmt(control['measured'])}"
+        f"{_interval_text(control['interval'])})"
+    )
 
 
 def _threads_text(report: dict) -> str:

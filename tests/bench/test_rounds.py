@@ -46,18 +46,26 @@ def test_a_pair_is_measured_back_to_back_in_every_round_and_swapped_every_other_
     assert rounds.rotated(list("abcde"), 1) == list("bcdea")
     order = []
     variants = {name: (lambda n=name: order.append(n) or {"x": 1.0}) for name in "abc"}
-    rounds.run_rounds(variants, 2, contended_cores=float("inf"), pairs=[("a", "c")])
+    rounds.run_rounds(variants, 2, contended_cores=float("inf"), groups=[("a", "c")])
     assert order == list("acbbca")
 
 
+def test_a_group_of_three_stays_one_block_rotated_within_each_round():
+    orders = ["".join(rounds.round_order(list("abcde"), i, [("a", "c", "e")])) for i in range(3)]
+    assert orders == ["acebd", "bdcea", "deacb"]
+    for order in orders:  # the three always adjacent, each first once
+        assert any(set(order[i : i + 3]) == set("ace") for i in range(3))
+    assert {order.lstrip("bd")[0] for order in orders} == set("ace")
+
+
 @pytest.mark.parametrize(
-    "pairs",
-    [[("a", "a")], [("a", "b"), ("b", "c")], [("a", "z")]],
-    ids=["same", "shared", "unknown"],
+    "groups",
+    [[("a", "a")], [("a",)], [("a", "b"), ("b", "c")], [("a", "z")]],
+    ids=["same", "alone", "shared", "unknown"],
 )
-def test_a_pair_must_be_two_distinct_known_variants_in_no_other_pair(pairs):
-    with pytest.raises(ValueError, match="a pair must be two distinct variants"):
-        rounds.round_order(list("abc"), 0, pairs)
+def test_a_group_must_be_two_or_more_distinct_known_variants_in_no_other_group(groups):
+    with pytest.raises(ValueError, match="a group must be two or more distinct variants"):
+        rounds.round_order(list("abc"), 0, groups)
 
 
 def test_own_cpu_counts_as_ours_and_a_watched_process_as_its_own():

@@ -109,6 +109,16 @@ def test_goals_judge_batching_the_peer_and_the_overhead_from_medians():
 def test_batching_is_slower_only_when_the_median_ratios_interval_lies_below_one(per_round, met):
     goal = evaluate_goals({"k": {}}, {}, [], {"k": {"batched/unbatched": _pair(per_round)}})
     assert goal["batching_not_slower/k"]["met"] is met
+    assert goal["batching_not_slower/k"]["control"] is None
+
+
+def test_the_batching_goal_shows_the_control_servers_ratio_beside_it():
+    ratios = {"k": {"batched/unbatched": _pair([0.99] * 10), "unbatched-again/unbatched": _pair(
+        [0.97, 0.98, 0.99, 1.0, 1.01] * 2
+    )}}  # fmt: skip
+    control = evaluate_goals({"k": {}}, {}, [], ratios)["batching_not_slower/k"]["control"]
+    assert control["measured"] == pytest.approx(0.99)
+    assert control["interval"] == [pytest.approx(0.97), pytest.approx(1.01)]
 
 
 def test_both_servers_get_the_same_thread_flags_default_one_each(tmp_path):
@@ -157,7 +167,7 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     argv = ["--model-base", str(tmp_path / "models"), "--model-name", "tiny"]
     threads = ["--server-intra-op-threads", "2", "--server-inter-op-threads", "1"]
     short = ["--duration", "0.2", "--rounds", "2", "--shapes", "1x1,4x2", "--no-tflite"]
-    code = bench_main([*argv, *threads, *short, "--out", str(out)])
+    code = bench_main([*argv, *threads, *short, "--control", "--out", str(out)])
 
     assert code == 0
     report = json.loads(out.read_text())
@@ -166,6 +176,7 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     assert {kind: s["exit_code"] for kind, s in report["servers"].items()} == {
         "unbatched": 0,
         "batched": 0,
+        "unbatched-again": 0,
     }
     # The option reached both servers, and each says its TensorFlow ran with it.
     assert report["tensorflow_threads"]["servers"] == {"intra_op": 2, "inter_op": 1}
@@ -177,9 +188,10 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
     keys = {shape_key(p, b, c) for p, (b, c) in itertools.product(PROTOCOLS, [(1, 1), (4, 2)])}
     assert set(report["rounds_by_shape"]) == set(report["summary"]) == keys
     for key, records in report["rounds_by_shape"].items():
-        # Two rounds of both servers, interleaved with the order rotated.
+        # Two rounds of the three servers, back to back, the order rotated.
         assert [(r["round"], r["variant"]) for r in records] == [
-            (0, "unbatched"), (0, "batched"), (1, "batched"), (1, "unbatched"),
+            (0, "unbatched"), (0, "batched"), (0, "unbatched-again"),
+            (1, "batched"), (1, "unbatched-again"), (1, "unbatched"),
         ]  # fmt: skip
         for record in records:
             figures = record["figures"]
@@ -192,10 +204,14 @@ def test_short_run_keeps_every_round_and_summarizes_them(tmp_path, capsys):
             assert summary["throughput"]["min"] == min(rps)
             assert summary["throughput"]["max"] == max(rps)
             assert summary["rounds"] == 2
-        ratio = report["ratios"][key]["batched/unbatched"]
-        assert ratio["per_round"]["n"] == 2 and ratio["of_medians"] > 0
+        for name in ("batched/unbatched", "unbatched-again/unbatched"):
+            ratio = report["ratios"][key][name]
+            assert ratio["per_round"]["n"] == 2 and ratio["of_medians"] > 0
     assert {"batching_not_slower/grpc/b1/c1", "grpc_batch1_p50_overhead_ms"} <= set(report["goals"])
+    control = report["goals"]["batching_not_slower/grpc/b1/c1"]["control"]
+    assert control["measured"] > 0 and len(control["interval"]) == 2
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     printed = capsys.readouterr().out
     assert "grpc/b1/c1" in printed and "batched/unbatched" in printed
-    assert "servers 2/1 (reported: unbatched 2/1, batched 2/1)" in printed
+    assert "(two identical unbatched servers: " in printed
+    assert "servers 2/1 (reported: unbatched 2/1, batched 2/1, unbatched-again 2/1)" in printed
