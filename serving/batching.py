@@ -932,11 +932,19 @@ class BatchScheduler:
             return
         request.future.set_result(joined)
 
-    def _report(self, key, sizes: list[int], outcome: _Outcome, delays: list[float]):
-        if outcome.padded_size is not None:  # None: the batch never reached `run`
-            stats = BatchStats(key, sum(sizes), outcome.padded_size, len(sizes), delays,
-                               outcome.run_seconds)  # fmt: skip
-            self._notify(stats)
+    def _report(self, key, sizes: list[int], outcome: _Outcome, delays: Sequence[float]):
+        if outcome.padded_size is None:  # the batch never reached `run`
+            return
+        self._notify(
+            BatchStats(
+                key=key,
+                size=sum(sizes),
+                padded_size=outcome.padded_size,
+                num_tasks=len(sizes),
+                queue_delay_seconds=delays,
+                run_seconds=outcome.run_seconds,
+            )
+        )
 
     def _notify(self, stats: BatchStats) -> None:
         if self._on_batch is None:
