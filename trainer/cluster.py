@@ -132,12 +132,12 @@ def startup_deadline(timeout: float) -> Iterator[None]:
 
 
 def lost_peer_message(exc: BaseException, found: list[Peer]) -> str:
-    """One line for a collective that failed because a peer went away."""
-    match = _TASK_IN_ERROR.search(str(exc))
-    named = f"{match.group(1)}:{match.group(2)}" if match else None
-    if named is not None:
-        address = {peer.task: peer.address for peer in found}.get(named)
-        lost = f"{named}" + (f" at {address}" if address else "")
+    """One line for a collective that failed because a peer went away: the first peer the
+    error names (it may name this task first, as the one that reported the failure)."""
+    named = {f"{job}:{index}" for job, index in _TASK_IN_ERROR.findall(str(exc))}
+    lost_peers = [peer for peer in found if peer.task in named]
+    if lost_peers:
+        lost = _names(lost_peers)
     else:
         lost = f"a peer ({_names(found)})" if found else "a peer"
     return (
