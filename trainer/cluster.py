@@ -136,14 +136,15 @@ def lost_peer_message(exc: BaseException, found: list[Peer]) -> str:
     error names (it may name this task first, as the one that reported the failure)."""
     named = {f"{job}:{index}" for job, index in _TASK_IN_ERROR.findall(str(exc))}
     lost_peers = [peer for peer in found if peer.task in named]
-    if lost_peers:
-        lost = _names(lost_peers)
-    else:
-        lost = f"a peer ({_names(found)})" if found else "a peer"
+    lost = _names(lost_peers) if lost_peers else _unnamed_peer(found)
     return (
         f"lost contact with {lost} ({type(exc).__name__}); exiting 1 so that the Job "
         "restarts the pods, which resume from the last checkpoint"
     )
+
+
+def _unnamed_peer(found: list[Peer]) -> str:
+    return f"a peer ({_names(found)})" if found else "a peer"
 
 
 def _accepts(address: str) -> bool:
