@@ -103,7 +103,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     parser.flag(
         "batching_parameters_file",
         metavar="PATH",
-        help="BatchingParameters text proto (implies --enable_batching)",
+        help="BatchingParameters text proto (needs --enable_batching, as in TF Serving)",
     )
     parser.flag(
         "monitoring_config_file",
@@ -218,11 +218,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     parser.flag(
         "tensorflow_inter_op_parallelism",
-        type=thread_count,
+        type=inter_op_thread_count,
         default=0,
         metavar="N",
         help="threads running independent TensorFlow ops at once; 0: TensorFlow decides "
-        "(the default)",
+        "(the default); negative: every op runs in the thread that asked for it (applied, as "
+        "in TF Serving, only when this or --tensorflow_intra_op_parallelism is above 0)",
     )
     parser.flag(
         "tensorflow_session_parallelism",
@@ -268,6 +269,11 @@ def grpc_channel_arguments(text: str) -> list[tuple[str, int | str]]:
 
 # A thread count for TensorFlow: 0 (TensorFlow decides) or more.
 thread_count = whole_number(0, "must be 0 (TensorFlow decides) or more")
+# The inter-op pool may also be negative: TensorFlow then runs every op in the calling thread
+# (ConfigProto.inter_op_parallelism_threads). TF Serving passes the value through as given.
+inter_op_thread_count = whole_number(
+    -(2**31), "must be a 32-bit integer (negative: ops run in the calling thread)"
+)
 
 
 def tensorflow_threads_from_args(args):
@@ -278,12 +284,12 @@ def tensorflow_threads_from_args(args):
 
     intra, inter = args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism
     session = args.tensorflow_session_parallelism
-    if intra and inter and session:
+    if intra > 0 and inter > 0 and session > 0:
         raise UsageError(
             "give --tensorflow_session_parallelism or --tensorflow_intra_op_parallelism and "
             "--tensorflow_inter_op_parallelism, not all three (as TF Serving)"
         )
-    if intra or inter:
+    if intra > 0 or inter > 0:
         if session:
             logging.getLogger("serving").warning(
                 "--tensorflow_session_parallelism=%d ignored: --tensorflow_intra_op_parallelism "
@@ -291,6 +297,12 @@ def tensorflow_threads_from_args(args):
                 session,
             )
         return TensorFlowThreads(intra_op=intra, inter_op=inter)
+    if inter < 0:
+        logging.getLogger("serving").warning(
+            "--tensorflow_inter_op_parallelism=%d ignored: TF Serving applies the pool flags "
+            "only when one of them is above 0; give --tensorflow_intra_op_parallelism too",
+            inter,
+        )
     return TensorFlowThreads(intra_op=session, inter_op=session)
 
 
@@ -358,18 +370,34 @@ def tls_from_ssl_config(path: Path):
     return TlsOptions(files["server_cert"], files["server_key"], client_ca)
 
 
-def server_options(args):
+def check_batching_flags(args) -> None:
+    """TF Serving refuses to start with a batching file but batching off (server.cc), rather
+    than guess which of the two the user meant."""
+    if args.batching_parameters_file and not args.enable_batching:
+        raise UsageError(
+            f"--batching_parameters_file {args.batching_parameters_file} is given without "
+            "--enable_batching (TF Serving refuses this too): add --enable_batching, or drop "
+            "the file"
+        )
+
+
+def batching_from_args(args):
+    """The BatchingParameters to serve with, or None when batching is off."""
     from convstack.serving.batching import load_batching_parameters
+
+    check_batching_flags(args)
+    if not args.enable_batching:
+        return None
+    if args.batching_parameters_file:
+        return load_batching_parameters(args.batching_parameters_file)
+    return _default_batching()
+
+
+def server_options(args):
     from convstack.serving.metrics import MonitoringConfig, load_monitoring_config
     from convstack.serving.server import ServerOptions
 
-    batching = None
-    if args.enable_batching or args.batching_parameters_file:
-        batching = (
-            load_batching_parameters(args.batching_parameters_file)
-            if args.batching_parameters_file
-            else _default_batching()
-        )
+    batching = batching_from_args(args)
     monitoring = (
         load_monitoring_config(args.monitoring_config_file)
         if args.monitoring_config_file
@@ -470,7 +498,9 @@ def serve_main(argv: list[str]) -> int:
 def _exec_tfserving(args, where: str) -> int:
     from convstack.serving import model_config
 
-    tensorflow_threads_from_args(args)  # the same one-line error TF Serving would exit with
+    # The same one-line errors TF Serving would exit with.
+    tensorflow_threads_from_args(args)
+    check_batching_flags(args)
     config_path = args.model_config_file
     if not config_path:  # TF Serving gets the same single-model config as a file
         config = model_config_from_args(args)
@@ -483,7 +513,7 @@ def _exec_tfserving(args, where: str) -> int:
         model_config_file=Path(config_path),
         model_config_file_poll_wait_seconds=args.model_config_file_poll_wait_seconds,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds,
-        enable_batching=bool(args.enable_batching or args.batching_parameters_file),
+        enable_batching=args.enable_batching,
         batching_parameters_file=_path(args.batching_parameters_file),
         monitoring_config_file=_path(args.monitoring_config_file),
         allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,

@@ -57,7 +57,8 @@ class TlsOptions:
 class TensorFlowThreads:
     """TensorFlow's two CPU thread pools in the server process (TF Serving's
     --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism); 0 lets TensorFlow
-    decide (about one thread per core each)."""
+    decide (about one thread per core each). A negative inter_op has no pool: each op runs in
+    the thread that runs the model (a request's own thread), with no hand-off."""
 
     intra_op: int = 0
     inter_op: int = 0

@@ -133,6 +133,7 @@ def batching_server(tmp_path_factory, exported_version) -> ModelServer:
     flags = [
         f"--model_name={MODEL}",
         f"--model_base_path={base}",
+        "--enable_batching",
         f"--batching_parameters_file={parameters}",
     ]
     started = start_server(root, flags)

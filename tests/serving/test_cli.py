@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from convstack.serving.cli import build_serve_parser, models_config_main
@@ -213,10 +217,26 @@ def test_bad_files_exit_2_with_one_line(tmp_path, content, flag, expected, code)
     extra = (
         [] if flag == "--model_config_file" else ["--model_name=m", f"--model_base_path={tmp_path}"]
     )
+    if flag == "--batching_parameters_file":
+        extra.append("--enable_batching")
     result = serve(f"{flag}={path}", *extra)
     assert result.returncode == code, result.stderr[-2000:]
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_serve_with_a_batching_file_but_batching_off_exits_2_before_loading(tmp_path):
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("max_batch_size { value: 8 }\n")
+    result = serve(
+        "--model_name=m",
+        f"--model_base_path={tmp_path}",
+        f"--batching_parameters_file={parameters}",
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = error_lines(result.stderr)
+    assert "batching.config is given without --enable_batching" in line
 
 
 @pytest.mark.slow
@@ -316,7 +336,7 @@ def test_session_parallelism_follows_tf_serving_rules(argv, expected):
     assert (threads.intra_op, threads.inter_op) == expected
 
 
-def test_all_three_thread_flags_or_a_negative_count_are_usage_errors(capsys):
+def test_all_three_thread_flags_are_a_usage_error():
     from convstack.serving.cli import UsageError, tensorflow_threads_from_args
 
     args = build_serve_parser().parse_args(
@@ -328,10 +348,64 @@ def test_all_three_thread_flags_or_a_negative_count_are_usage_errors(capsys):
     )
     with pytest.raises(UsageError, match="not all three"):
         tensorflow_threads_from_args(args)
+
+
+def test_a_negative_inter_op_count_is_passed_on_when_a_pool_flag_is_above_zero(caplog):
+    from convstack.serving.cli import tensorflow_threads_from_args
+    from convstack.serving.server import TensorFlowThreads
+
+    parser = build_serve_parser()
+    caller_thread = parser.parse_args(
+        ["--tensorflow_intra_op_parallelism=1", "--tensorflow_inter_op_parallelism=-1"]
+    )
+    assert tensorflow_threads_from_args(caller_thread) == TensorFlowThreads(1, -1)
+    assert not caplog.records
+    # TF Serving looks at the pool flags only when one is above 0: -1 alone is ignored, and said.
+    alone = parser.parse_args(["--tensorflow_inter_op_parallelism", "-1"])
+    assert tensorflow_threads_from_args(alone) == TensorFlowThreads(0, 0)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING"
+    assert "--tensorflow_inter_op_parallelism=-1 ignored" in record.getMessage()
+    # Nor does -1 count towards "all three".
+    mixed = parser.parse_args(
+        [
+            "--tensorflow_session_parallelism=2",
+            "--tensorflow_intra_op_parallelism=1",
+            "--tensorflow_inter_op_parallelism=-1",
+        ]
+    )
+    assert tensorflow_threads_from_args(mixed) == TensorFlowThreads(1, -1)
+
+
+@pytest.mark.parametrize(
+    "flag", ["--tensorflow_intra_op_parallelism=-1", "--tensorflow_session_parallelism=-2"]
+)
+def test_negative_intra_op_or_session_counts_are_refused(flag, capsys):
+    # TensorFlow aborts the process for a negative intra-op pool; refuse it before that.
     with pytest.raises(SystemExit) as exit_info:
-        build_serve_parser().parse_args(["--tensorflow_intra_op_parallelism=-1"])
+        build_serve_parser().parse_args([flag])
     assert exit_info.value.code == 2
     assert "must be 0 (TensorFlow decides) or more" in capsys.readouterr().err
+
+
+def test_a_batching_file_without_enable_batching_is_refused_as_tf_serving_does(tmp_path):
+    from convstack.serving.cli import UsageError, batching_from_args
+
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("max_batch_size { value: 8 }\n")
+    parser = build_serve_parser()
+    with pytest.raises(UsageError, match=r"batching.config is given without --enable_batching"):
+        batching_from_args(parser.parse_args([f"--batching_parameters_file={parameters}"]))
+    with pytest.raises(UsageError, match="without --enable_batching"):
+        batching_from_args(
+            parser.parse_args(
+                ["--enable_batching=false", f"--batching_parameters_file={parameters}"]
+            )
+        )
+    both = parser.parse_args(["--enable_batching", f"--batching_parameters_file={parameters}"])
+    assert batching_from_args(both).max_batch_size == 8
+    assert batching_from_args(parser.parse_args([])) is None
+    assert batching_from_args(parser.parse_args(["--enable_batching"])).max_batch_size >= 1
 
 
 def test_thread_pools_cannot_change_once_tensorflow_runs():
@@ -349,20 +423,35 @@ def test_thread_pools_cannot_change_once_tensorflow_runs():
 
 
 @pytest.mark.slow
-def test_embedded_server_runs_tensorflow_with_the_thread_flags(tmp_path):
+@pytest.mark.parametrize("inter_op", [2, -1])
+def test_embedded_server_runs_tensorflow_with_the_thread_flags(tmp_path, inter_op):
     from convstack.serving.process import ServerProcess
-    from tests.serving.helpers import MODEL_NAME, make_model_dir
+    from tests.serving.helpers import IMAGE_SHAPE, MODEL_NAME, NUM_CLASSES, make_model_dir
 
     model_dir = make_model_dir(tmp_path / "models")
-    flags = ["--tensorflow_intra_op_parallelism=1", "--tensorflow-inter-op-parallelism=2"]
+    flags = ["--tensorflow_intra_op_parallelism=1", f"--tensorflow-inter-op-parallelism={inter_op}"]
     server = ServerProcess.start(MODEL_NAME, model_dir, tmp_path / "serve.log", flags)
     try:
         server.wait_available(MODEL_NAME)
+        # Eight concurrent requests: with -1 each runs its ops in its own thread.
+        body = json.dumps({"instances": np.zeros((1, *IMAGE_SHAPE)).tolist()}).encode()
+        url = f"{server.rest_target}/v1/models/{MODEL_NAME}:predict"
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: _post(url, body), range(8)))
     finally:
         assert server.stop() == 0, server.log_tail()
+    (prediction,) = replies[0]["predictions"]  # the same image each time: the same answer
+    assert len(prediction["probabilities"]) == NUM_CLASSES
+    assert all(reply == replies[0] for reply in replies)
     # Logged after the model loaded: TensorFlow was running by then, with these pools.
     logged = server.log_path.read_text()
-    assert "TensorFlow thread pools: intra_op_parallelism=1 inter_op_parallelism=2" in logged
+    pools = f"TensorFlow thread pools: intra_op_parallelism=1 inter_op_parallelism={inter_op}"
+    assert pools in logged
+
+
+def _post(url: str, body: bytes) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(url, body), timeout=60) as reply:
+        return json.loads(reply.read())
 
 
 @pytest.mark.slow

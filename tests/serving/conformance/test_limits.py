@@ -46,6 +46,7 @@ def test_requests_beyond_the_concurrency_limit_are_refused(
             f"--model_name={MODEL}",
             f"--model_base_path={model_dir}",
             "--max_concurrent_requests=1",
+            "--enable_batching",
             f"--batching_parameters_file={batching}",
         ]
     )
