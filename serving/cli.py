@@ -13,7 +13,7 @@ from pathlib import Path
 
 from convstack.common.flags import boolean, positive_number, whole_number
 from convstack.common.logs import configure_logging
-from convstack.serving import launcher
+from convstack.serving import launcher, tfserving_flags
 from convstack.serving.kernels import use_plain_cpu_kernels
 
 EXIT_BAD_INPUT = 2
@@ -25,11 +25,18 @@ class _Parser(argparse.ArgumentParser):
         spellings = {f"--{name}", f"--{name.replace('_', '-')}", *aliases}
         return self.add_argument(*sorted(spellings, key=len), dest=name, **kwargs)
 
-    def switch(self, name: str, help: str):
+    def switch(self, name: str, *aliases: str, help: str):
         """A boolean flag as TF Serving's command line takes it: `--name`, `--name=true` or
         `--name=false`."""
         return self.flag(
-            name, nargs="?", const=True, default=False, type=boolean, metavar="BOOL", help=help
+            name,
+            *aliases,
+            nargs="?",
+            const=True,
+            default=False,
+            type=boolean,
+            metavar="BOOL",
+            help=help,
         )
 
 
@@ -198,8 +205,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     parser.switch(
         "response_tensor_content",
+        "--enable_serialization_as_tensor_content",
         help="answer Predict outputs as raw tensor_content bytes instead of the typed fields "
-        "(float_val, ...) TF Serving writes; faster for large outputs, read by our client",
+        "(float_val, ...) TF Serving writes by default; faster for large outputs, read by our "
+        "client (TF Serving's --enable_serialization_as_tensor_content)",
     )
     parser.flag(
         "max_concurrent_requests",
@@ -244,6 +253,28 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="debug lines, and TensorFlow's own log lines and warnings (as "
         "CONVSTACK_LOG_LEVEL=DEBUG does)",
     )
+    parser.switch(
+        "enable_model_warmup",
+        help="replay a version's assets.extra/tf_serving_warmup_requests before it serves "
+        "(default true, as in TF Serving)",
+    )
+    parser.set_defaults(enable_model_warmup=True)
+    parser.flag(
+        "num_request_iterations_for_warmup",
+        type=whole_number(0, "must be 0 or more (0 counts as 1)"),
+        default=1,
+        metavar="N",
+        help="times each warmup record is replayed (0 counts as 1, as in TF Serving)",
+    )
+    parser.flag(
+        "num_load_threads",
+        type=whole_number(0, "must be 0 (the default) or more"),
+        default=0,
+        metavar="N",
+        help="versions loaded at once; 0: the default, 2 (TF Serving's 0 loads one at a time)",
+    )
+    parser.switch("version", help="print the server's and TensorFlow's versions and exit")
+    tfserving_flags.add_to(parser)
     return parser
 
 
@@ -423,6 +454,9 @@ def server_options(args):
         max_request_tensor_bytes=args.max_request_tensor_bytes,
         max_request_fill_bytes=args.max_request_fill_bytes,
         response_tensor_content=args.response_tensor_content,
+        enable_model_warmup=args.enable_model_warmup,
+        num_request_iterations_for_warmup=max(1, args.num_request_iterations_for_warmup),
+        num_load_threads=args.num_load_threads,
         prefer_tflite_model=args.prefer_tflite_model,
         num_tflite_pools=args.num_tflite_pools,
         num_tflite_interpreters_per_pool=args.num_tflite_interpreters_per_pool,
@@ -444,6 +478,22 @@ def _default_batching():
     return BatchingParameters()
 
 
+def version_text() -> str:
+    """What `--version` prints: TF Serving's two lines, naming this server for the first."""
+    from importlib import metadata
+
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (
+        f"TensorFlow ModelServer: convstack {installed('convstack')} (embedded, TF Serving "
+        f"compatible)\nTensorFlow Library: {installed('tensorflow')}"
+    )
+
+
 def choose_backend(requested: str) -> tuple[str, str | None]:
     """('tfserving', binary-or-'docker') or ('embedded', None), and say why."""
     if requested == "embedded":
@@ -463,6 +513,9 @@ def choose_backend(requested: str) -> tuple[str, str | None]:
 
 def serve_main(argv: list[str]) -> int:
     args = build_serve_parser().parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
     configure_logging(args.verbose)
     use_plain_cpu_kernels()
     try:
@@ -478,6 +531,11 @@ def serve_main(argv: list[str]) -> int:
         )
         if backend == "tfserving":
             return _exec_tfserving(args, where)
+        refused = tfserving_flags.refusal(args)
+        if refused:
+            raise UsageError(refused)
+        for notice in tfserving_flags.notices(args):
+            logging.getLogger("serving").warning("%s", notice)
         options = server_options(args)
     except (UsageError, ValueError, OSError) as exc:
         print(f"convstack serve: error: {exc}", file=sys.stderr)
@@ -531,6 +589,7 @@ def _exec_tfserving(args, where: str) -> int:
         prefer_tflite_model=args.prefer_tflite_model,
         num_tflite_pools=args.num_tflite_pools,
         num_tflite_interpreters_per_pool=args.num_tflite_interpreters_per_pool,
+        extra_flags=tuple(tfserving_passed_on(args)),
     )
     if where == "docker":
         config = model_config.load_model_config(config_path)
@@ -542,6 +601,22 @@ def _exec_tfserving(args, where: str) -> int:
         command = launcher.binary_command(where, flags)
     launcher.exec_command(command)
     return 0  # not reached: exec replaced this process
+
+
+def tfserving_passed_on(args) -> list[str]:
+    """Flags for the real server that TfServingFlags has no field for, when not at its default."""
+    extra = tfserving_flags.passed_on(args)
+    if not args.enable_model_warmup:
+        extra.append("--enable_model_warmup=false")
+    if args.num_request_iterations_for_warmup > 1:
+        extra.append(
+            f"--num_request_iterations_for_warmup={args.num_request_iterations_for_warmup}"
+        )
+    if args.num_load_threads:
+        extra.append(f"--num_load_threads={args.num_load_threads}")
+    if args.response_tensor_content:
+        extra.append("--enable_serialization_as_tensor_content=true")
+    return extra
 
 
 def _path(value: str | None) -> Path | None:

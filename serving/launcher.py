@@ -47,6 +47,7 @@ class TfServingFlags:
     prefer_tflite_model: bool = False
     num_tflite_pools: int = 1
     num_tflite_interpreters_per_pool: int = 1
+    extra_flags: tuple[str, ...] = ()  # `--name=value`, passed on as given
 
     def arguments(self) -> list[str]:
         args = [
@@ -95,7 +96,7 @@ class TfServingFlags:
                 f"--num_tflite_pools={self.num_tflite_pools}",
                 f"--num_tflite_interpreters_per_pool={self.num_tflite_interpreters_per_pool}",
             ]
-        return args
+        return args + list(self.extra_flags)
 
 
 def find_binary() -> str | None:

@@ -128,6 +128,8 @@ class ModelManager:
         max_num_load_retries: int = 5,
         load_retry_interval_seconds: float = 1.0,
         num_load_threads: int = 2,
+        warmup: bool = True,
+        warmup_iterations: int = 1,
         allow_version_labels_for_unavailable_models: bool = False,
         on_event: Callable[[str], None] | None = None,
         load: Callable[[str, int, Path], Servable] = load_version,
@@ -139,6 +141,8 @@ class ModelManager:
         self._max_retries = max(0, int(max_num_load_retries))
         self._retry_interval = max(0.0, float(load_retry_interval_seconds))
         self._num_load_threads = max(1, int(num_load_threads))
+        self._warmup = warmup
+        self._warmup_iterations = max(1, int(warmup_iterations))
         self._allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self._on_event = on_event
         self._lock = threading.RLock()
@@ -383,7 +387,8 @@ class ModelManager:
                 )
             try:
                 loaded = self._load_version(record.model, record.version, record.path)
-                return loaded, loaded.warmup(), None, attempt
+                replayed = loaded.warmup(self._warmup_iterations) if self._warmup else 0
+                return loaded, replayed, None, attempt
             except ServingError as exc:
                 error = exc
             except Exception as exc:

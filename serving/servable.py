@@ -250,8 +250,9 @@ class Servable:
         fetched = self.run_tensors(feeds, [definition.outputs[alias].name for alias in wanted])
         return dict(zip(wanted, fetched, strict=True))
 
-    def warmup(self) -> int:
-        """Replay assets.extra/tf_serving_warmup_requests; the number of records (0 if none).
+    def warmup(self, iterations: int = 1) -> int:
+        """Replay assets.extra/tf_serving_warmup_requests, each record `iterations` times (TF
+        Serving's --num_request_iterations_for_warmup); the number of records (0 if none).
 
         Like TF Serving: more than 1000 records fails (INVALID_ARGUMENT), an unreadable TFRecord
         file fails (DATA_LOSS), and any request that fails fails the load with its status.
@@ -264,7 +265,8 @@ class Servable:
             return 0
         records = _read_warmup_records(path)
         for index, record in enumerate(records):
-            self._replay(path, index, record)
+            for _ in range(max(1, iterations)):
+                self._replay(path, index, record)
         return len(records)
 
     def _replay(self, path: Path, index: int, record: prediction_log_pb2.PredictionLog) -> None:

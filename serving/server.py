@@ -111,6 +111,9 @@ class ServerOptions:
     max_request_tensor_bytes: int = DEFAULT_MAX_REQUEST_TENSOR_BYTES
     max_request_fill_bytes: int = DEFAULT_MAX_REQUEST_FILL_BYTES
     response_tensor_content: bool = False
+    enable_model_warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests
+    num_request_iterations_for_warmup: int = 1  # times each warmup record is replayed
+    num_load_threads: int = 0  # versions loaded at once; 0: the manager's default
     prefer_tflite_model: bool = False  # serve <version>/model.tflite where there is one
     num_tflite_pools: int = 1
     num_tflite_interpreters_per_pool: int = 1
@@ -136,6 +139,9 @@ class EmbeddedServer:
             file_system_poll_wait_seconds=options.file_system_poll_wait_seconds,
             max_num_load_retries=options.max_num_load_retries,
             load_retry_interval_seconds=options.load_retry_interval_seconds,
+            **({"num_load_threads": options.num_load_threads} if options.num_load_threads else {}),
+            warmup=options.enable_model_warmup,
+            warmup_iterations=options.num_request_iterations_for_warmup,
             allow_version_labels_for_unavailable_models=(
                 options.allow_version_labels_for_unavailable_models
             ),

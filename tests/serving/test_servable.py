@@ -263,6 +263,15 @@ def test_warmup_replays_every_exported_record(tiny):
     assert count == len(records) == 3
 
 
+def test_warmup_replays_each_record_as_many_times_as_asked(tiny, monkeypatch):
+    replayed = []
+    run = tiny.run
+    monkeypatch.setattr(tiny, "run", lambda *args: replayed.append(args[0]) or run(*args))
+
+    assert tiny.warmup(iterations=4) == 3
+    assert len(replayed) == 12
+
+
 def _version_with_warmup(tmp_path, records=None, raw: bytes | None = None):
     path = helpers.add_version(tmp_path, 1)
     warmup_path = path / WARMUP_FILE
