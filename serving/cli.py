@@ -273,6 +273,16 @@ def build_serve_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="versions loaded at once; 0: the default, 2 (TF Serving's 0 loads one at a time)",
     )
+    parser.flag(
+        "enable_grpc_healthcheck_service",
+        nargs="?",
+        const=True,
+        default=None,  # not given: on in the embedded server, TF Serving's off with --backend
+        type=boolean,
+        metavar="BOOL",
+        help="serve grpc.health.v1 (embedded server: on unless =false; model-aware, plus TF "
+        "Serving's ModelService and PredictionService names)",
+    )
     parser.switch("version", help="print the server's and TensorFlow's versions and exit")
     tfserving_flags.add_to(parser)
     return parser
@@ -455,6 +465,7 @@ def server_options(args):
         max_request_fill_bytes=args.max_request_fill_bytes,
         response_tensor_content=args.response_tensor_content,
         enable_model_warmup=args.enable_model_warmup,
+        grpc_health_service=args.enable_grpc_healthcheck_service is not False,
         num_request_iterations_for_warmup=max(1, args.num_request_iterations_for_warmup),
         num_load_threads=args.num_load_threads,
         prefer_tflite_model=args.prefer_tflite_model,
@@ -616,6 +627,10 @@ def tfserving_passed_on(args) -> list[str]:
         extra.append(f"--num_load_threads={args.num_load_threads}")
     if args.response_tensor_content:
         extra.append("--enable_serialization_as_tensor_content=true")
+    if args.enable_grpc_healthcheck_service is not None:
+        extra.append(
+            f"--enable_grpc_healthcheck_service={str(args.enable_grpc_healthcheck_service).lower()}"
+        )
     return extra
 
 

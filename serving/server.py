@@ -36,6 +36,9 @@ from convstack.serving.tflite import version_loader
 
 log = logging.getLogger(__name__)
 
+# The service names TF Serving's --enable_grpc_healthcheck_service marks SERVING once it starts.
+TFSERVING_HEALTH_SERVICES = ("ModelService", "PredictionService")
+
 
 @dataclass
 class TlsOptions:
@@ -114,6 +117,7 @@ class ServerOptions:
     enable_model_warmup: bool = True  # replay assets.extra/tf_serving_warmup_requests
     num_request_iterations_for_warmup: int = 1  # times each warmup record is replayed
     num_load_threads: int = 0  # versions loaded at once; 0: the manager's default
+    grpc_health_service: bool = True  # serve grpc.health.v1 (TF Serving: off unless asked)
     prefer_tflite_model: bool = False  # serve <version>/model.tflite where there is one
     num_tflite_pools: int = 1
     num_tflite_interpreters_per_pool: int = 1
@@ -219,7 +223,8 @@ class EmbeddedServer:
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.service), registrar
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
+        if self.options.grpc_health_service:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
         address = f"{self.options.host}:{self.options.port}"
         self._listen(address)
         if self.options.grpc_socket_path:
@@ -262,9 +267,12 @@ class EmbeddedServer:
 
     async def _update_health(self) -> None:
         """SERVING only while every configured model has an AVAILABLE version; each model is
-        also a service name of its own."""
+        also a service name of its own. TF Serving's two names are SERVING while the server
+        runs, as TF Serving reports them, so a client's health check written for it passes."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in TFSERVING_HEALTH_SERVICES:
+            await self._health.set(name, serving)
         await self._health.set("", serving if self.manager.all_models_available() else not_serving)
         for name in self.manager.model_names():
             statuses = self.manager.model_status(name)

@@ -38,8 +38,6 @@ def _text(value: str) -> str:
 
 
 FLAGS = (
-    ForeignFlag("enable_grpc_healthcheck_service", boolean, SAME, True,
-                "the grpc.health.v1 service is always served"),
     ForeignFlag("enable_profiler", boolean, SAME, False,
                 "no TensorFlow profiler service is offered"),
     ForeignFlag("enable_per_model_batching_parameters", boolean, SAME, False,

@@ -87,9 +87,9 @@ def test_every_tf_serving_flag_is_taken_with_its_type():
 
 def test_only_a_value_the_embedded_server_does_not_act_as_gets_a_notice():
     assert tfserving_flags.notices(parse()) == []
-    # What it does anyway (a health service, no profiler, no TPU to initialise): nothing to say.
+    # What it does anyway (no profiler, no TPU to initialise) or acts on: nothing to say.
     quiet = parse(
-        "--enable_grpc_healthcheck_service=true",
+        "--enable_grpc_healthcheck_service=false",
         "--enable_profiler=false",
         "--saved_model_tags=serve",
         "--skip_initialize_tpu",
@@ -129,6 +129,7 @@ def test_the_real_server_gets_every_such_flag_as_given():
         "--num_load_threads=3",
         "--num_request_iterations_for_warmup=4",
         "--enable_serialization_as_tensor_content",
+        "--enable_grpc_healthcheck_service=false",
     )
     assert tfserving_passed_on(args) == [
         "--rest_api_num_threads=8",
@@ -138,8 +139,20 @@ def test_the_real_server_gets_every_such_flag_as_given():
         "--num_request_iterations_for_warmup=4",
         "--num_load_threads=3",
         "--enable_serialization_as_tensor_content=true",
+        "--enable_grpc_healthcheck_service=false",
     ]
     assert tfserving_passed_on(parse()) == []
+
+
+def test_the_health_service_is_on_unless_turned_off():
+    """On by default in the embedded server; the real server gets the flag only when given
+    (its own default is off)."""
+    base = ("--model_name=d", "--model_base_path=/m/d")
+    assert server_options(parse(*base)).grpc_health_service is True
+    assert server_options(parse(*base, "--enable_grpc_healthcheck_service")).grpc_health_service
+    off = parse(*base, "--enable_grpc_healthcheck_service=false")
+    assert server_options(off).grpc_health_service is False
+    assert "--enable_grpc_healthcheck_service=false" in tfserving_passed_on(off)
 
 
 def test_version_names_this_server_and_the_tensorflow_it_runs():

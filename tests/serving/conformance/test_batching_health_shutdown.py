@@ -181,6 +181,45 @@ def test_health_follows_model_availability(tmp_path, start_server, exported_vers
     assert server.prediction().Predict(predict_request(), timeout=10).outputs
 
 
+def test_health_answers_the_service_names_tf_serving_marks_serving(
+    tmp_path, start_server, exported_version
+):
+    """TF Serving's --enable_grpc_healthcheck_service marks "ModelService" and
+    "PredictionService" SERVING once it starts: a client's health check written for those names
+    must pass here too."""
+    model_dir = make_repository(tmp_path / "models", exported_version, [1])
+    server = start_server(
+        [
+            f"--model_name={MODEL}",
+            f"--model_base_path={model_dir}",
+            "--enable_grpc_healthcheck_service=true",
+        ]
+    )
+    health = health_pb2_grpc.HealthStub(server.channel())
+    for service in ("", "ModelService", "PredictionService"):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+    with pytest.raises(grpc.RpcError) as unknown:
+        health.Check(health_pb2.HealthCheckRequest(service="NoSuchService"), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_service_turned_off_is_not_served(tmp_path, start_server, exported_version):
+    model_dir = make_repository(tmp_path / "models", exported_version, [1])
+    server = start_server(
+        [
+            f"--model_name={MODEL}",
+            f"--model_base_path={model_dir}",
+            "--enable_grpc_healthcheck_service=false",
+        ]
+    )
+    health = health_pb2_grpc.HealthStub(server.channel())
+    with pytest.raises(grpc.RpcError) as caught:
+        health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert server.prediction().Predict(predict_request(), timeout=10).outputs
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(
     tmp_path, start_server, exported_version, monitoring_file
 ):
