@@ -283,6 +283,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
         help="serve grpc.health.v1 (embedded server: on unless =false; model-aware, plus TF "
         "Serving's ModelService and PredictionService names)",
     )
+    parser.switch(
+        "rest_api_enable_cors_support",
+        help="add CORS headers (any origin; POST and GET; Content-Type) to every /v1/ answer",
+    )
     parser.switch("version", help="print the server's and TensorFlow's versions and exit")
     tfserving_flags.add_to(parser)
     return parser
@@ -466,6 +470,7 @@ def server_options(args):
         response_tensor_content=args.response_tensor_content,
         enable_model_warmup=args.enable_model_warmup,
         grpc_health_service=args.enable_grpc_healthcheck_service is not False,
+        rest_cors=args.rest_api_enable_cors_support,
         num_request_iterations_for_warmup=max(1, args.num_request_iterations_for_warmup),
         num_load_threads=args.num_load_threads,
         prefer_tflite_model=args.prefer_tflite_model,
@@ -627,6 +632,8 @@ def tfserving_passed_on(args) -> list[str]:
         extra.append(f"--num_load_threads={args.num_load_threads}")
     if args.response_tensor_content:
         extra.append("--enable_serialization_as_tensor_content=true")
+    if args.rest_api_enable_cors_support:
+        extra.append("--rest_api_enable_cors_support=true")
     if args.enable_grpc_healthcheck_service is not None:
         extra.append(
             f"--enable_grpc_healthcheck_service={str(args.enable_grpc_healthcheck_service).lower()}"

@@ -36,6 +36,16 @@ PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)",
     re.IGNORECASE,
 )
+# TF Serving's REST handler takes every path under /v1/, the prefix in any case.
+V1_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
+# What --rest_api_enable_cors_support adds to every answer of that handler, as TF Serving does.
+CORS_HEADERS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, GET",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
+# A CORS preflight (OPTIONS) is answered 200 when its Origin names an http(s) origin, else 400.
+PREFLIGHT_ORIGIN = re.compile(r"https?://")
 STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?",
     re.IGNORECASE,
@@ -66,6 +76,13 @@ def error_json(message: str, status: int) -> web.Response:
 
 def error_response(error: ServingError) -> web.Response:
     return error_json(error.message, error.http_status)
+
+
+def _preflight(request: web.Request) -> web.Response:
+    """A CORS preflight, answered as TF Serving answers it: no body, 200 only when the Origin
+    header names an http(s) origin."""
+    origin = request.headers.get("Origin", "")
+    return web.Response(status=200 if PREFLIGHT_ORIGIN.search(origin) else 400)
 
 
 def _shorten_echoes(message: str, match: re.Match | None) -> str:
@@ -113,6 +130,7 @@ class RestApi:
         idle_timeout_seconds: float = 75.0,
         lingering_seconds: float = 5.0,
         max_request_line_bytes: int = 64 * 1024,
+        cors: bool = False,
     ) -> None:
         """`timeout_seconds`: a request's deadline once read (TF Serving's
         --rest_api_timeout_in_ms); `max_body_bytes`: the largest body; `body_timeout_seconds`:
@@ -121,7 +139,8 @@ class RestApi:
         previous response; `lingering_seconds`: how long the unread rest of a refused body is
         drained (so that the client sees the answer) before the connection closes;
         `max_request_line_bytes`: the longest request line (aiohttp's own default, 8190, answers
-        a longer path with a plain-text 400 before this API sees it)."""
+        a longer path with a plain-text 400 before this API sees it); `cors`: add TF Serving's
+        CORS headers to every /v1/ answer (--rest_api_enable_cors_support)."""
         self._service = service
         self._metrics = metrics
         self._monitoring = monitoring
@@ -132,6 +151,7 @@ class RestApi:
         self._idle_timeout = idle_timeout_seconds
         self._lingering = lingering_seconds
         self._max_line = max_request_line_bytes
+        self._cors = cors
 
     def runner(self, *, shutdown_timeout: float = 10.0) -> web.AppRunner:
         """The application in an AppRunner with this API's connection timeouts."""
@@ -145,15 +165,24 @@ class RestApi:
         )
 
     def application(self) -> web.Application:
+        middlewares = [self._cors_headers] if self._cors else []
         app = web.Application(
-            client_max_size=self._max_body_bytes, middlewares=[self._declared_size]
+            client_max_size=self._max_body_bytes,
+            middlewares=[*middlewares, self._declared_size],
         )
         if self._monitoring.enable:
             app.router.add_get(self._monitoring.path, self._prometheus)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/livez", self._livez)
-        app.router.add_route("*", "/v1/{tail:.*}", self._v1)
+        app.router.add_route("*", "/{v1:[vV]1}/{tail:.*}", self._v1)
         return app
+
+    @web.middleware
+    async def _cors_headers(self, request: web.Request, handler):
+        response = await handler(request)
+        if V1_PATH.fullmatch(request.path):
+            response.headers.update(CORS_HEADERS)
+        return response
 
     @web.middleware
     async def _declared_size(self, request: web.Request, handler):
@@ -172,6 +201,8 @@ class RestApi:
     async def _v1(self, request: web.Request) -> web.Response:
         path = request.url.raw_path
         match = None
+        if request.method == "OPTIONS":
+            return _preflight(request)
         try:
             if request.method == "POST" and (match := PREDICT_PATH.fullmatch(path)):
                 return await self._post(request, match)

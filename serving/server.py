@@ -118,6 +118,7 @@ class ServerOptions:
     num_request_iterations_for_warmup: int = 1  # times each warmup record is replayed
     num_load_threads: int = 0  # versions loaded at once; 0: the manager's default
     grpc_health_service: bool = True  # serve grpc.health.v1 (TF Serving: off unless asked)
+    rest_cors: bool = False  # TF Serving's CORS headers on every /v1/ answer
     prefer_tflite_model: bool = False  # serve <version>/model.tflite where there is one
     num_tflite_pools: int = 1
     num_tflite_interpreters_per_pool: int = 1
@@ -258,6 +259,7 @@ class EmbeddedServer:
             max_body_bytes=self.options.grpc_max_message_bytes,
             body_timeout_seconds=self.options.rest_body_timeout_seconds,
             idle_timeout_seconds=self.options.rest_idle_timeout_seconds,
+            cors=self.options.rest_cors,
         )
         self._rest = api.runner(shutdown_timeout=self.options.shutdown_grace_seconds)
         await self._rest.setup()

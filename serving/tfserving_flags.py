@@ -42,8 +42,6 @@ FLAGS = (
                 "no TensorFlow profiler service is offered"),
     ForeignFlag("enable_per_model_batching_parameters", boolean, SAME, False,
                 "every model batches by the one --batching_parameters_file"),
-    ForeignFlag("rest_api_enable_cors_support", boolean, SAME, False,
-                "no CORS headers are added"),
     ForeignFlag("grpc_max_threads", int, SAME, None,
                 "gRPC requests are read on the server's event loop, not a sized thread pool"),
     ForeignFlag("rest_api_num_threads", int, SAME, None,

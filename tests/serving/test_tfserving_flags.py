@@ -130,6 +130,7 @@ def test_the_real_server_gets_every_such_flag_as_given():
         "--num_request_iterations_for_warmup=4",
         "--enable_serialization_as_tensor_content",
         "--enable_grpc_healthcheck_service=false",
+        "--rest_api_enable_cors_support",
     )
     assert tfserving_passed_on(args) == [
         "--rest_api_num_threads=8",
@@ -139,6 +140,7 @@ def test_the_real_server_gets_every_such_flag_as_given():
         "--num_request_iterations_for_warmup=4",
         "--num_load_threads=3",
         "--enable_serialization_as_tensor_content=true",
+        "--rest_api_enable_cors_support=true",
         "--enable_grpc_healthcheck_service=false",
     ]
     assert tfserving_passed_on(parse()) == []
